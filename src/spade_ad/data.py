@@ -1,0 +1,396 @@
+"""Reading images and masks safely, dataset layouts, and the paper's preprocessing.
+
+Every image, whatever its mode (grey, RGB, RGBA, palette, 16-bit) and size, becomes an RGB float
+array in [0, 1], resized to ``image_size`` x ``image_size`` and centre-cropped to ``crop_size``, as in
+the paper (Resize(256) then CenterCrop(224)). Masks go through the same geometry with nearest
+interpolation so that they stay aligned with the anomaly maps pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import DatasetError, ImageError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+
+#: Images with more pixels than this are refused before decoding (decompression bombs). 64 Mpx is
+#: far above any inspection camera we know of, and a quarter of what a bomb needs to exhaust memory.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+#: One image given to fit/predict/extract: a file path, or an array already in memory.
+ImageLike = Union[str, os.PathLike, np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading one image
+# --------------------------------------------------------------------------------------------
+def _open_checked(path: Path, max_pixels: int) -> Image.Image:
+    """Open ``path`` with Pillow, refusing missing files, non-images, bombs and truncated data."""
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if not path.is_file():
+        raise ImageError(f"{path}: not a regular file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice its limit; we want a hard, named error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image (unrecognised or unsupported format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{path}: refused as a possible decompression bomb ({exc})") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot be opened ({exc})") from None
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"{path}: has an empty size {w}x{h}")
+    if w * h > max_pixels:
+        img.close()
+        raise ImageError(
+            f"{path}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+            "(possible decompression bomb; raise max_pixels if the image is genuine)"
+        )
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        img.close()
+        raise ImageError(f"{path}: truncated or corrupt image data ({exc})") from None
+    return img
+
+
+def _to_float_rgb(img: Image.Image, name: str) -> np.ndarray:
+    """Any Pillow image -> float32 (H, W, 3) in [0, 1], keeping 16-bit precision."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        # 16-bit data (PNG 16-bit grey opens as I;16 or I): full scale is 65535.
+        arr = arr / 65535.0
+        if arr.min() < 0.0 or arr.max() > 1.0:
+            raise ImageError(f"{name}: integer image values outside the 16-bit range")
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(arr).all() or arr.min() < 0.0 or arr.max() > 1.0:
+            raise ImageError(f"{name}: floating-point image must hold finite values in [0, 1]")
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    # RGBA/LA: the alpha channel is dropped (not composited), as torchvision's loaders do.
+    rgb = img.convert("RGB")
+    return np.asarray(rgb, dtype=np.float32) / 255.0
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as float32 RGB (H, W, 3) in [0, 1]; raise :class:`ImageError` on any problem."""
+    p = Path(path)
+    img = _open_checked(p, max_pixels)
+    try:
+        return _to_float_rgb(img, str(p))
+    finally:
+        img.close()
+
+
+def image_size_of(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of an image file, reading only its header (plus the usual checks)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ImageError(f"{p}: no such file")
+    try:
+        with Image.open(p) as img:
+            return img.size
+    except UnidentifiedImageError:
+        raise ImageError(f"{p}: not an image (unrecognised or unsupported format)") from None
+    except (Image.DecompressionBombError, OSError) as exc:
+        raise ImageError(f"{p}: cannot be opened ({exc})") from None
+
+
+def array_to_rgb(arr: np.ndarray, name: str) -> np.ndarray:
+    """An in-memory image (H, W), (H, W, 1|3|4), uint8/uint16 or float in [0, 1] -> float32 RGB."""
+    a = np.asarray(arr)
+    if a.ndim == 3 and a.shape[2] in (1, 3, 4):
+        a = a[:, :, :3] if a.shape[2] != 1 else np.repeat(a, 3, axis=2)
+    elif a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    else:
+        raise ImageError(f"{name}: array of shape {a.shape} is not an image (H, W[, 1|3|4])")
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / 65535.0
+    if np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float32)
+        # NaN passes through on purpose: the feature check names the image it came from.
+        finite = a[np.isfinite(a)]
+        if finite.size and (finite.min() < 0.0 or finite.max() > 1.0):
+            raise ImageError(f"{name}: float image values must lie in [0, 1]")
+        return a
+    raise ImageError(f"{name}: unsupported array dtype {a.dtype}")
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: resize + centre crop (images bilinear, masks nearest)
+# --------------------------------------------------------------------------------------------
+def crop_box(image_size: int, crop_size: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the centre crop, rounded as torchvision's CenterCrop."""
+    off = int(round((image_size - crop_size) / 2.0))
+    return off, off, off + crop_size, off + crop_size
+
+
+def _resize_float_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear (antialiased) resize of float RGB to size x size, one Pillow 'F' plane per channel."""
+    planes = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(rgb[:, :, c])).resize((size, size), Image.BILINEAR))
+        for c in range(3)
+    ]
+    return np.stack(planes, axis=2)
+
+
+def preprocess(rgb: np.ndarray, image_size: int, crop_size: int) -> np.ndarray:
+    """Float RGB (H, W, 3) in [0, 1] -> float32 (3, crop, crop): resize to a square, then centre crop.
+
+    8-bit content goes through Pillow's 8-bit bilinear resize (what torchvision does on PIL images);
+    anything finer (16-bit, float arrays) is resized in float so no precision is thrown away.
+    """
+    as8 = np.round(rgb * 255.0)
+    if np.isfinite(rgb).all() and np.allclose(as8 / 255.0, rgb, atol=1e-6):
+        img = Image.fromarray(as8.astype(np.uint8), "RGB").resize((image_size, image_size), Image.BILINEAR)
+        out = np.asarray(img, dtype=np.float32) / 255.0
+    else:
+        out = _resize_float_rgb(rgb, image_size)
+    left, top, right, bottom = crop_box(image_size, crop_size)
+    out = out[top:bottom, left:right]
+    return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
+
+
+def read_mask(
+    path: str | os.PathLike,
+    image_size: int,
+    crop_size: int,
+    expected_size: tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Read a ground-truth mask as bool (crop, crop), with the same geometry as its image.
+
+    ``expected_size`` is the (width, height) of the image the mask belongs to; a mask of another size
+    is an error, not something to resize silently. A pixel is defective where the mask is above half
+    its full scale (MVTec masks are 0/255).
+    """
+    p = Path(path)
+    img = _open_checked(p, max_pixels)
+    try:
+        if expected_size is not None and img.size != tuple(expected_size):
+            raise ImageError(
+                f"{p}: mask is {img.size[0]}x{img.size[1]} but its image is "
+                f"{expected_size[0]}x{expected_size[1]}"
+            )
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            binary = np.asarray(img) > 32767
+        else:
+            binary = np.asarray(img.convert("L")) > 127
+    finally:
+        img.close()
+    m = Image.fromarray(binary.astype(np.uint8) * 255, "L").resize((image_size, image_size), Image.NEAREST)
+    left, top, right, bottom = crop_box(image_size, crop_size)
+    return np.asarray(m)[top:bottom, left:right] > 127
+
+
+def load_preprocessed(item: ImageLike, name: str, image_size: int, crop_size: int, max_pixels: int) -> np.ndarray:
+    """Read (if a path) and preprocess one image -> float32 (3, crop, crop)."""
+    if isinstance(item, np.ndarray):
+        rgb = array_to_rgb(item, name)
+    else:
+        rgb = read_image(item, max_pixels=max_pixels)
+    return preprocess(rgb, image_size, crop_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Collections of images
+# --------------------------------------------------------------------------------------------
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files (by extension) directly inside ``folder``, sorted; error if there are none."""
+    d = Path(folder)
+    if not d.exists():
+        raise DatasetError(f"{d}: no such folder")
+    if not d.is_dir():
+        raise DatasetError(f"{d}: not a folder")
+    files = sorted(
+        p for p in d.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    if not files:
+        raise DatasetError(f"{d}: folder contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return files
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files and folders (as given on a command line) -> image paths; folders are listed, files kept."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(list_images(p))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise ImageError(f"{p}: no such file or folder")
+    if not out:
+        raise DatasetError("no input images given")
+    return out
+
+
+def as_image_list(images: object) -> tuple[list[ImageLike], list[str]]:
+    """Normalise what users pass to fit/predict/extract into (items, names).
+
+    Accepts a folder, a single path, a list of paths and/or arrays, or an array batch
+    (N, H, W[, C]). Names are the paths as strings, or ``array[i]`` for in-memory images.
+    """
+    if isinstance(images, (str, os.PathLike)):
+        p = Path(images)
+        items: list[ImageLike] = list(list_images(p)) if p.is_dir() else [p]
+    elif isinstance(images, np.ndarray):
+        if images.ndim not in (3, 4):
+            raise ImageError(f"array batch of shape {images.shape}: expected (N, H, W) or (N, H, W, C)")
+        items = [images[i] for i in range(images.shape[0])]
+    elif isinstance(images, Sequence) or hasattr(images, "__iter__"):
+        items = []
+        for x in images:  # type: ignore[union-attr]
+            if isinstance(x, np.ndarray):
+                items.append(x)
+            elif isinstance(x, (str, os.PathLike)):
+                p = Path(x)
+                items.extend(list_images(p) if p.is_dir() else [p])
+            else:
+                raise ImageError(f"cannot use {type(x).__name__} as an image: pass paths or numpy arrays")
+    else:
+        raise ImageError(f"cannot use {type(images).__name__} as images: pass a folder, paths or an array")
+    if not items:
+        raise DatasetError("no images given")
+    names = [str(x) if not isinstance(x, np.ndarray) else f"array[{i}]" for i, x in enumerate(items)]
+    return items, names
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset layouts for evaluation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TestItem:
+    """One test image: its path, label (0 normal, 1 anomalous), defect type and mask (if any)."""
+
+    path: Path
+    label: int
+    defect: str
+    mask: Path | None = None
+
+
+@dataclass
+class Dataset:
+    """Training (normal) images and labelled test images of one category."""
+
+    name: str
+    train: list[Path]
+    test: list[TestItem] = field(default_factory=list)
+
+
+def _mask_stem(mask: Path) -> str:
+    stem = mask.stem
+    return stem[: -len("_mask")] if stem.endswith("_mask") else stem
+
+
+def _attach_masks(items: list[TestItem], mask_dir: Path | None, where: str, required: bool) -> None:
+    """Match masks to anomalous test images by file stem; refuse masks that have no image."""
+    if mask_dir is None or not mask_dir.is_dir():
+        if required and any(t.label == 1 for t in items):
+            raise DatasetError(f"{where}: no ground-truth folder {mask_dir} for the defective images")
+        return
+    masks = {}
+    for m in sorted(mask_dir.iterdir()):
+        if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS:
+            masks[_mask_stem(m)] = m
+    by_stem = {t.path.stem: t for t in items}
+    for stem, m in masks.items():
+        if stem not in by_stem:
+            raise DatasetError(f"{m}: mask has no matching test image (expected {stem}.* in {where})")
+        by_stem[stem].mask = m
+    if required:
+        for t in items:
+            if t.label == 1 and t.mask is None:
+                raise DatasetError(f"{t.path}: defective test image has no mask in {mask_dir}")
+
+
+def load_mvtec(root: str | os.PathLike, category: str) -> Dataset:
+    """An MVTec-AD-layout category: ``train/good``, ``test/<defect>``, ``ground_truth/<defect>``.
+
+    Checks the whole layout up front (images listed, masks matched by stem, mask and image sizes
+    equal) so that a broken dataset fails in a second, not after an hour of feature extraction.
+    """
+    base = Path(root) / category
+    if not base.is_dir():
+        raise DatasetError(f"{base}: no such category folder")
+    train = list_images(base / "train" / "good")
+    test_dir = base / "test"
+    if not test_dir.is_dir():
+        raise DatasetError(f"{test_dir}: no test folder")
+    test: list[TestItem] = []
+    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        defect = defect_dir.name
+        label = 0 if defect == "good" else 1
+        items = [TestItem(p, label, defect) for p in list_images(defect_dir)]
+        if label:
+            _attach_masks(items, base / "ground_truth" / defect, str(defect_dir), required=True)
+        test.extend(items)
+    if not test:
+        raise DatasetError(f"{test_dir}: no test images")
+    gt_dir = base / "ground_truth"
+    if gt_dir.is_dir():
+        for d in gt_dir.iterdir():
+            if d.is_dir() and not (test_dir / d.name).is_dir():
+                raise DatasetError(f"{d}: masks for defect type {d.name!r} but no folder {test_dir / d.name}")
+    check_mask_sizes(test)
+    return Dataset(name=category, train=train, test=test)
+
+
+def load_folders(
+    train: str | os.PathLike,
+    good: Sequence[str | os.PathLike] = (),
+    anomalous: Sequence[str | os.PathLike] = (),
+    masks: str | os.PathLike | None = None,
+    name: str = "folders",
+) -> Dataset:
+    """Plain folders: a folder of normal training images, folders of normal and of anomalous test
+    images, and optionally one folder of masks matched to anomalous images by file stem
+    (``x.png`` <- ``x.png`` or ``x_mask.png``). Anomalous images without a mask count as all-defect-free
+    for the pixel metrics only if no masks folder is given; with one, each needs its mask."""
+    test: list[TestItem] = []
+    for folder in good:
+        test.extend(TestItem(p, 0, "good") for p in list_images(folder))
+    bad: list[TestItem] = []
+    for folder in anomalous:
+        bad.extend(TestItem(p, 1, Path(folder).name) for p in list_images(folder))
+    if masks is not None:
+        mdir = Path(masks)
+        if not mdir.is_dir():
+            raise DatasetError(f"{mdir}: no such masks folder")
+        _attach_masks(bad, mdir, ", ".join(str(a) for a in anomalous), required=True)
+    test.extend(bad)
+    ds = Dataset(name=name, train=list_images(train), test=test)
+    check_mask_sizes(ds.test)
+    return ds
+
+
+def check_mask_sizes(items: Iterable[TestItem]) -> None:
+    """Every mask must have exactly its image's size (headers only; cheap)."""
+    for t in items:
+        if t.mask is not None:
+            isz, msz = image_size_of(t.path), image_size_of(t.mask)
+            if isz != msz:
+                raise ImageError(
+                    f"{t.mask}: mask is {msz[0]}x{msz[1]} but its image {t.path.name} is {isz[0]}x{isz[1]}"
+                )

@@ -1,0 +1,265 @@
+"""The SPADE estimator: fit on normal images, then score and segment new ones.
+
+Conventions follow scikit-learn: ``__init__`` only stores parameters, ``fit`` validates and returns
+``self``, fitted state ends in ``_``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .backbones import Backbone, backbone_info, build_backbone
+from .bank import FeatureBank, load_model_file, save_model_file
+from .data import DEFAULT_MAX_PIXELS, as_image_list
+from .errors import ModelFileError, NotFittedError, SpadeError, WeightsError
+from .features import Features, Preprocessing, extract_features
+from .maps import combine_levels, smooth
+from .search import knn_images, nearest_distances
+
+
+class SpadeWarning(UserWarning):
+    """Something worth knowing that does not stop the work (e.g. fewer training images than k)."""
+
+
+@dataclass
+class Prediction:
+    """Output of :meth:`SPADE.predict`.
+
+    ``image_scores`` (N,) mean squared distance to the k nearest normal images;
+    ``anomaly_maps`` (N, crop, crop) float32; ``neighbors`` (N, k) indices into the training set
+    (``SPADE.train_paths_``), nearest first; ``names`` the input names (paths or ``array[i]``).
+    """
+
+    image_scores: np.ndarray
+    anomaly_maps: np.ndarray
+    neighbors: np.ndarray
+    names: list[str]
+
+
+class SPADE:
+    """Sub-Image Anomaly Detection with Deep Pyramid Correspondences (Cohen & Hoshen, 2020).
+
+    Parameters
+    ----------
+    backbone: registry name (``efficientnet_lite0`` embedded; ``wide_resnet50_2``, ``resnet18``).
+    k: nearest normal images, for the image score and as the pixel gallery (paper: 50).
+    kappa: nearest gallery features per pixel, averaged (paper: 1).
+    levels: pyramid levels by stride: 1 = stride 4, 2 = stride 8, 3 = stride 16.
+    sigma: Gaussian smoothing of the anomaly map (0 disables).
+    image_size, crop_size: resize to a square, then centre crop (paper: 256, 224).
+    weights: None (default source), a path to a weights file, or ``"random"`` (tests only).
+    batch_size: images per backbone batch.
+    progress: show progress bars.
+    max_pixels: refuse images larger than this (decompression bombs).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        k: int = 50,
+        kappa: int = 1,
+        levels: Sequence[int] = (1, 2, 3),
+        sigma: float = 4.0,
+        image_size: int = 256,
+        crop_size: int = 224,
+        weights: str | os.PathLike | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.backbone = backbone
+        self.k = k
+        self.kappa = kappa
+        self.levels = levels
+        self.sigma = sigma
+        self.image_size = image_size
+        self.crop_size = crop_size
+        self.weights = weights
+        self.batch_size = batch_size
+        self.progress = progress
+        self.max_pixels = max_pixels
+
+    # ----------------------------------------------------------------------------------------
+    # validation and shared pieces
+    # ----------------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        backbone_info(self.backbone)  # unknown name -> WeightsError listing the choices
+        for name in ("k", "kappa", "image_size", "crop_size", "batch_size", "max_pixels"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise SpadeError(f"{name} must be a positive integer, got {v!r}")
+        lv = tuple(self.levels)
+        if not lv or any(x not in (1, 2, 3) for x in lv) or len(set(lv)) != len(lv):
+            raise SpadeError(f"levels must be distinct values from 1, 2, 3 (strides 4, 8, 16), got {self.levels!r}")
+        if not (isinstance(self.sigma, (int, float)) and self.sigma >= 0):
+            raise SpadeError(f"sigma must be a number >= 0, got {self.sigma!r}")
+        if self.crop_size > self.image_size:
+            raise SpadeError(f"crop_size {self.crop_size} is larger than image_size {self.image_size}")
+
+    @property
+    def _prep(self) -> Preprocessing:
+        return Preprocessing(self.image_size, self.crop_size, self.max_pixels)
+
+    def _get_backbone(self) -> Backbone:
+        # Built lazily and cached: a loaded model rebuilds its backbone only when first used.
+        bb = getattr(self, "_backbone", None)
+        if bb is None:
+            bb = build_backbone(self.backbone, self.weights)
+            expected = getattr(self, "weights_sha256_", None)
+            if expected is not None and bb.weights_sha256 != expected:
+                raise WeightsError(
+                    f"{bb.weights_source}: {self.backbone} weights differ from those the model was fitted "
+                    f"with (sha256 {bb.weights_sha256[:12]}... vs {expected[:12]}...); use the same weights"
+                )
+            self._backbone = bb
+        return bb
+
+    def _extract(self, images: Any, desc: str) -> tuple[Features, list[str], list[Any]]:
+        items, names = as_image_list(images)
+        feats = extract_features(
+            self._get_backbone(), items, names, self._prep, tuple(self.levels), self.batch_size, self.progress, desc
+        )
+        return feats, names, items
+
+    def _check_fitted(self) -> None:
+        if getattr(self, "bank_", None) is None:
+            raise NotFittedError("this SPADE model is not fitted yet: call fit() or SPADE.load() first")
+
+    # ----------------------------------------------------------------------------------------
+    # public API
+    # ----------------------------------------------------------------------------------------
+    def fit(self, train: Any) -> SPADE:
+        """Store the features of normal images: a folder, a list of paths/arrays, or an array batch."""
+        self._validate()
+        self._backbone = None
+        feats, names, _ = self._extract(train, "fit")
+        n = len(names)
+        if n < self.k:
+            warnings.warn(
+                f"only {n} training images for k={self.k}: using all {n} as neighbours",
+                SpadeWarning,
+                stacklevel=2,
+            )
+        self.bank_ = FeatureBank(feats.global_, feats.levels, names)
+        self.k_ = min(self.k, n)
+        self.weights_sha256_ = self._get_backbone().weights_sha256
+        return self
+
+    @property
+    def train_paths_(self) -> list[str]:
+        """Names of the training images, in the order ``neighbors`` indices refer to."""
+        self._check_fitted()
+        return self.bank_.paths
+
+    def extract(self, images: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Features exactly as ``predict`` uses them: global (N, D) and per level (N, C, h, w)."""
+        self._validate()
+        feats, _, _ = self._extract(images, "extract")
+        return feats.global_, [lv.permute(0, 3, 1, 2) for lv in feats.levels]
+
+    def predict(self, images: Any) -> Prediction:
+        """Image scores, anomaly maps (N, crop, crop) and neighbour indices for ``images``."""
+        self._check_fitted()
+        self._validate()
+        feats, names, _ = self._extract(images, "features")
+        dist2, neighbors = knn_images(feats.global_, self.bank_.global_, self.k_)
+        # Paper: image score = mean squared Euclidean distance to the K nearest normal images.
+        scores = dist2.mean(dim=1).numpy()
+        n = len(names)
+        maps = np.empty((n, self.crop_size, self.crop_size), dtype=np.float32)
+        for i in tqdm(range(n), desc="anomaly maps", unit="img", disable=not self.progress, leave=False):
+            maps[i] = self._anomaly_map(feats, i, neighbors[i])
+        return Prediction(scores.astype(np.float64), maps, neighbors.numpy().astype(np.int64), names)
+
+    def _anomaly_map(self, feats: Features, i: int, neighbors: torch.Tensor) -> np.ndarray:
+        """One image's map: per level, each pixel's distance to its nearest gallery feature."""
+        level_maps = []
+        for test_lv, bank_lv in zip(feats.levels, self.bank_.levels):
+            _, h, w, c = test_lv.shape
+            # Gallery: every pixel feature of the K nearest normal images at this level.
+            gallery = bank_lv[neighbors].reshape(-1, c)
+            d = nearest_distances(test_lv[i].reshape(-1, c), gallery, kappa=self.kappa)
+            level_maps.append(d.reshape(h, w))
+        combined = combine_levels(level_maps, self.crop_size)
+        return smooth(combined.numpy(), self.sigma)
+
+    # ----------------------------------------------------------------------------------------
+    # persistence
+    # ----------------------------------------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        """Everything needed to rebuild this model (saved in the model file)."""
+        self._check_fitted()
+        info = backbone_info(self.backbone)
+        return {
+            "backbone": self.backbone,
+            "weights": None if self.weights is None else str(self.weights),
+            "weights_sha256": self.weights_sha256_,
+            "k": int(self.k),
+            "kappa": int(self.kappa),
+            "levels": [int(x) for x in self.levels],
+            "sigma": float(self.sigma),
+            "preprocessing": {
+                "image_size": int(self.image_size),
+                "crop_size": int(self.crop_size),
+                "resize": "bilinear, to a square",
+                "crop": "centre",
+                "mean": list(info.mean),
+                "std": list(info.std),
+                "max_pixels": int(self.max_pixels),
+            },
+            "n_train": len(self.bank_),
+            "package_version": __version__,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the fitted model to one file (atomically); returns its path."""
+        self._check_fitted()
+        return save_model_file(path, self.bank_, self.get_config())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, weights: str | os.PathLike | None = None, progress: bool = False) -> SPADE:
+        """Rebuild a model saved with :meth:`save`; the backbone weights must hash as when fitted.
+
+        ``weights`` overrides where the backbone weights are read from (e.g. on another machine).
+        """
+        bank, cfg = load_model_file(path)
+        try:
+            prep = cfg["preprocessing"]
+            model = cls(
+                backbone=cfg["backbone"],
+                k=cfg["k"],
+                kappa=cfg["kappa"],
+                levels=tuple(cfg["levels"]),
+                sigma=cfg["sigma"],
+                image_size=prep["image_size"],
+                crop_size=prep["crop_size"],
+                weights=weights if weights is not None else cfg["weights"],
+                progress=progress,
+                max_pixels=prep.get("max_pixels", DEFAULT_MAX_PIXELS),
+            )
+            expected_sha = cfg["weights_sha256"]
+        except (KeyError, TypeError) as exc:
+            raise ModelFileError(f"{path}: configuration is incomplete ({exc})") from None
+        try:
+            model._validate()
+        except SpadeError as exc:
+            raise ModelFileError(f"{path}: invalid configuration: {exc}") from None
+        info = backbone_info(model.backbone)
+        chans = tuple(info.channels[lv - 1] for lv in model.levels)
+        if bank.global_.shape[1] != info.global_dim or tuple(lv.shape[-1] for lv in bank.levels) != chans:
+            raise ModelFileError(f"{path}: feature sizes do not match backbone {model.backbone}")
+        model.bank_ = bank
+        model.k_ = min(model.k, len(bank))
+        model.weights_sha256_ = expected_sha
+        model._backbone = None
+        return model
