@@ -31,6 +31,7 @@ class CategoryResult:
     prediction: Prediction
     labels: np.ndarray
     masks: np.ndarray | None
+    model_config: dict[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON record: metrics, counts and timings."""
@@ -95,6 +96,7 @@ def evaluate_dataset(
         prediction=pred,
         labels=labels,
         masks=masks,
+        model_config=model.get_config(),
     )
 
 
