@@ -1,0 +1,37 @@
+"""Shared fixtures: small synthetic images on disk, and the path of the real datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def make_image(rng: np.random.Generator, size: int = 48, defect: bool = False) -> np.ndarray:
+    """A smooth textured RGB uint8 image; ``defect`` adds a bright square off-centre."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    phase = rng.uniform(0, 0.3)
+    base = 0.5 + 0.25 * np.sin(2 * np.pi * (3 * xx + phase)) * np.cos(2 * np.pi * 2 * yy)
+    img = np.stack([base, base * 0.8 + 0.1, 1 - base], axis=2) + rng.normal(scale=0.02, size=(size, size, 3))
+    if defect:
+        img[size // 3 : size // 3 + size // 6, size // 2 : size // 2 + size // 6] = [1.0, 1.0, 0.0]
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.fixture
+def image_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """(train folder with 6 normal PNGs, test folder with 1 normal + 2 defective PNGs)."""
+    rng = np.random.default_rng(0)
+    train, test = tmp_path / "train", tmp_path / "test"
+    train.mkdir()
+    test.mkdir()
+    for i in range(6):
+        Image.fromarray(make_image(rng)).save(train / f"n{i:02d}.png")
+    Image.fromarray(make_image(rng)).save(test / "good_0.png")
+    for i in range(2):
+        Image.fromarray(make_image(rng, defect=True)).save(test / f"bad_{i}.png")
+    return train, test
