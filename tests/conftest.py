@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 def make_image(rng: np.random.Generator, size: int = 48, defect: bool = False) -> np.ndarray:
