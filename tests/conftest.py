@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -35,3 +36,16 @@ def image_dirs(tmp_path: Path) -> tuple[Path, Path]:
     for i in range(2):
         Image.fromarray(make_image(rng, defect=True)).save(test / f"bad_{i}.png")
     return train, test
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread_for_tiny_inputs(request: pytest.FixtureRequest):
+    """Unit tests run tiny convolutions, which are far slower with 2 OpenMP threads on a busy 2-core
+    machine than with 1; the real-data tests (marked slow) keep the default thread count."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

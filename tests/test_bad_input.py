@@ -30,22 +30,13 @@ from spade_ad import (
 from spade_ad.cli import main
 from spade_ad.data import load_mvtec, read_image
 
-SMALL = dict(image_size=32, crop_size=32, k=2)
+SMALL = {"image_size": 32, "crop_size": 32, "k": 2}
 CLI_SMALL = ["--image-size", "32", "--crop-size", "32", "--k", "2"]
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny convolutions are hundreds of times slower with 2 OpenMP threads on a busy 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def picture(seed: int, size: tuple[int, int] = (48, 48)) -> np.ndarray:
     """A smooth random RGB uint8 picture of (width, height) ``size``."""
     rng = np.random.default_rng(seed)
@@ -412,6 +403,18 @@ def test_genuine_image_above_max_pixels(tmp_path):
     assert read_image(first, max_pixels=2304).shape == (48, 48, 3)  # the limit itself is allowed
 
 
+def test_raising_max_pixels_admits_images_above_pillows_limit(tmp_path, monkeypatch):
+    big = bomb_png(tmp_path / "big.png", 10_000, 10_000)  # 100 Mpx: only its header is real
+
+    def stop(self, *a, **k):  # stand-in for decoding: reaching it means the size checks passed
+        raise OSError("stopped before decoding")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", stop)
+    with pytest.raises(ImageError) as exc:
+        read_image(big, max_pixels=200_000_000)
+    assert "stopped before decoding" in str(exc.value)
+
+
 # --------------------------------------------------------------------------------------------
 # 7. fewer training images than k
 # --------------------------------------------------------------------------------------------
@@ -462,6 +465,14 @@ def test_nan_in_array_batch_fit(bad_index, value):
         SPADE(batch_size=2, **SMALL).fit(batch)
     assert str(exc.value).startswith(f"array[{bad_index}]: ")
     assert "NaN or infinite" in str(exc.value)
+
+
+def test_nan_in_a_later_chunk_of_predict(model_file):
+    batch = np.repeat(float_batch(2), 35, axis=0)  # 70 images: more than one chunk of work
+    batch[66, 10, 10, 0] = np.nan
+    with pytest.raises(FeatureError) as exc:
+        SPADE.load(model_file).predict(batch)
+    assert str(exc.value).startswith("array[66]: ")
 
 
 def test_nan_in_array_batch_predict(model_file):
@@ -580,7 +591,7 @@ def test_model_file_from_newer_format(tmp_path, model_file):
 
     with safe_open(str(model_file), framework="pt") as f:
         meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     assert meta["format_version"] == "1"
     meta["format_version"] = "999"
     newer = tmp_path / "model.safetensors"

@@ -3,6 +3,7 @@ the inputs fit/predict accept, and output names."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +22,10 @@ from spade_ad.data import (
     read_image,
     read_mask,
 )
+from spade_ad.features import Preprocessing, iter_batches
 from spade_ad.output import unique_stems
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny convolutions are hundreds of times slower with 2 OpenMP threads on a busy 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def rgb_u8(w: int, h: int, seed: int = 0) -> np.ndarray:
@@ -240,8 +233,8 @@ def test_preprocess_marker_after_downscaling():
     out = preprocess(marker_image(512, 200, 300, 20), 256, 224)[0]
     ys, xs = np.mgrid[0:224, 0:224]
     cy, cx = (out * ys).sum() / out.sum(), (out * xs).sum() / out.sum()
-    # block centre (209.5, 309.5) in the 512 image -> (104.75, 154.75)-ish... exactly: centre of
-    # pixels 100..109 and 150..159 at half size is (104.5, 154.5); minus the crop offset 16.
+    # Rows 200..219 / columns 300..319 halve to 100..109 / 150..159, centre (104.5, 154.5); the blur of
+    # the bilinear resize is symmetric so the centre of mass stays; minus the crop offset 16.
     assert cy == pytest.approx(88.5, abs=0.01) and cx == pytest.approx(138.5, abs=0.01)
     assert out[90, 140] == 1.0 and out[70, 140] == 0.0 and out[90, 120] == 0.0
 
@@ -364,8 +357,13 @@ def test_load_folders_matches_masks_by_stem(tmp_path):
         m.parent.mkdir(exist_ok=True)
         Image.fromarray(np.zeros((16, 20), np.uint8)).save(m)
 
-    ds = load_folders(tmp_path / "train", good=[tmp_path / "good"], anomalous=[tmp_path / "bad"],
-                      masks=tmp_path / "masks", name="mine")
+    ds = load_folders(
+        tmp_path / "train",
+        good=[tmp_path / "good"],
+        anomalous=[tmp_path / "bad"],
+        masks=tmp_path / "masks",
+        name="mine",
+    )
     assert ds.name == "mine"
     assert [p.name for p in ds.train] == ["t0.png", "t1.png", "t2.png"]
     assert [(t.path, t.label, t.defect, t.mask) for t in ds.test] == [
@@ -443,8 +441,8 @@ def test_as_image_list_mixed_list(tmp_path):
     "bad, error, phrase",
     [
         ([], DatasetError, "no images"),
-        (np.zeros((10, 12)), ImageError, "expected (N, H, W)"),
-        (np.zeros((1, 2, 10, 12, 3)), ImageError, "expected (N, H, W)"),
+        (np.zeros((10, 12)), ImageError, "or a batch (N, H, W"),
+        (np.zeros((1, 2, 10, 12, 3)), ImageError, "or a batch (N, H, W"),
         ([3], ImageError, "cannot use int"),
         (42, ImageError, "cannot use int"),
     ],
@@ -467,7 +465,7 @@ def test_uint8_uint16_and_float_arrays_preprocess_alike():
     d = load_preprocessed(np.clip(u8 / 255.0 + 1e-3, 0, 1).astype(np.float32), "f2", 32, 24, 10**9)
     assert np.abs(d - a).max() <= 1 / 255 + 1e-3 + 1e-6
     assert np.abs(d - a).max() > 0  # it really was the other path
-    # the same picture from a PNG file
+    # a 2-D (grey) array is that channel repeated
     grey = load_preprocessed(u8[:, :, 0], "grey", 32, 24, 10**9)
     assert np.abs(grey[0] - a[0]).max() <= 1 / 255 + 1e-6
 
@@ -480,18 +478,24 @@ def test_uint8_and_float_batches_give_the_same_features():
     torch.testing.assert_close(g8, gf)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a single (H, W, 3) array is silently taken as a batch of H greyscale images of W x 3 "
-    "(data.py as_image_list); it should be refused as ambiguous or taken as one image",
-)
 def test_single_rgb_array_is_not_split_into_rows():
-    img = rgb_u8(48, 40)  # (40, 48, 3)
+    img = rgb_u8(48, 40)  # (40, 48, 3): one colour image
+    items, names = as_image_list(img)
+    assert len(items) == 1 and items[0].shape == (40, 48, 3) and names == ["array[0]"]
+
+
+def test_reading_in_threads_leaves_global_warning_filters_alone(tmp_path):
+    for i in range(100):
+        Image.fromarray(np.full((8, 8), i, dtype=np.uint8)).save(tmp_path / f"{i:03d}.png")
+    items, names = as_image_list(tmp_path)
+    before = list(warnings.filters)
     try:
-        items, _ = as_image_list(img)
-    except ImageError:
-        return
-    assert len(items) == 1
+        for _ in range(3):
+            n = sum(x.shape[0] for _, x in iter_batches(items, names, Preprocessing(8, 8), 50))
+            assert n == 100
+            assert warnings.filters == before
+    finally:
+        warnings.filters[:] = before
 
 
 # --------------------------------------------------------------------------------------------

@@ -231,9 +231,10 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None) -> Backb
             net = entry.build()
         source = "random"
     else:
-        net = entry.build()
+        # Resolve and read the weights before building the network: a missing file fails at once.
         path = Path(weights) if weights is not None else entry.default_weights()
         state = _load_state(path)
+        net = entry.build()
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:

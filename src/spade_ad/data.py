@@ -9,11 +9,10 @@ interpolation so that they stay aligned with the anomaly maps pixel for pixel.
 from __future__ import annotations
 
 import os
-import warnings
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -27,12 +26,29 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", 
 DEFAULT_MAX_PIXELS = 64_000_000
 
 #: One image given to fit/predict/extract: a file path, or an array already in memory.
-ImageLike = Union[str, os.PathLike, np.ndarray]
+ImageLike = str | os.PathLike | np.ndarray
 
 
 # --------------------------------------------------------------------------------------------
 # Reading one image
 # --------------------------------------------------------------------------------------------
+# Pillow's own bomb limit is a process-wide global; we replace it by our per-call ``max_pixels``
+# check. The lock makes the swap safe between our loader threads, and is held only while Pillow
+# reads the header (decoding happens outside it, in parallel).
+_OPEN_LOCK = threading.Lock()
+
+
+def _open_header(path: Path) -> Image.Image:
+    """``Image.open`` (header only) with Pillow's global pixel limit lifted; our caller checks size."""
+    with _OPEN_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def _open_checked(path: Path, max_pixels: int) -> Image.Image:
     """Open ``path`` with Pillow, refusing missing files, non-images, bombs and truncated data."""
     if not path.exists():
@@ -40,14 +56,9 @@ def _open_checked(path: Path, max_pixels: int) -> Image.Image:
     if not path.is_file():
         raise ImageError(f"{path}: not a regular file")
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between its limit and twice its limit; we want a hard, named error.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+        img = _open_header(path)
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image (unrecognised or unsupported format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({exc})") from None
     except OSError as exc:
         raise ImageError(f"{path}: cannot be opened ({exc})") from None
     w, h = img.size
@@ -105,11 +116,11 @@ def image_size_of(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS)
     if not p.is_file():
         raise ImageError(f"{p}: no such file")
     try:
-        with Image.open(p) as img:
+        with _open_header(p) as img:
             return img.size
     except UnidentifiedImageError:
         raise ImageError(f"{p}: not an image (unrecognised or unsupported format)") from None
-    except (Image.DecompressionBombError, OSError) as exc:
+    except OSError as exc:
         raise ImageError(f"{p}: cannot be opened ({exc})") from None
 
 
@@ -249,16 +260,22 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 def as_image_list(images: object) -> tuple[list[ImageLike], list[str]]:
     """Normalise what users pass to fit/predict/extract into (items, names).
 
-    Accepts a folder, a single path, a list of paths and/or arrays, or an array batch
-    (N, H, W[, C]). Names are the paths as strings, or ``array[i]`` for in-memory images.
+    Accepts a folder, a single path, a list of paths and/or arrays, an array batch (N, H, W[, C]),
+    or one colour image array (H, W, 3|4). Names are the paths as strings, or ``array[i]`` for in-memory images.
     """
     if isinstance(images, (str, os.PathLike)):
         p = Path(images)
         items: list[ImageLike] = list(list_images(p)) if p.is_dir() else [p]
     elif isinstance(images, np.ndarray):
-        if images.ndim not in (3, 4):
-            raise ImageError(f"array batch of shape {images.shape}: expected (N, H, W) or (N, H, W, C)")
-        items = [images[i] for i in range(images.shape[0])]
+        if images.ndim == 3 and images.shape[2] in (3, 4):
+            # One colour image (H, W, 3|4), not a batch of H grey images 3 or 4 pixels wide.
+            items = [images]
+        elif images.ndim in (3, 4):
+            items = [images[i] for i in range(images.shape[0])]
+        else:
+            raise ImageError(
+                f"array of shape {images.shape}: expected one image (H, W, 3|4) or a batch (N, H, W[, C])"
+            )
     elif isinstance(images, Sequence) or hasattr(images, "__iter__"):
         items = []
         for x in images:  # type: ignore[union-attr]
@@ -375,6 +392,12 @@ def load_folders(
     for folder in anomalous:
         bad.extend(TestItem(p, 1, Path(folder).name) for p in list_images(folder))
     if masks is not None:
+        stems = [t.path.stem for t in bad]
+        dup = sorted({x for x in stems if stems.count(x) > 1})
+        if dup:
+            where = [str(t.path) for t in bad if t.path.stem == dup[0]]
+            raise DatasetError(f"{where[0]} and {where[1]}: anomalous images share the stem {dup[0]!r}, "
+                               "so masks cannot be matched by file name")
         mdir = Path(masks)
         if not mdir.is_dir():
             raise DatasetError(f"{mdir}: no such masks folder")

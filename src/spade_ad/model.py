@@ -168,18 +168,33 @@ class SPADE:
         return feats.global_, [lv.permute(0, 3, 1, 2) for lv in feats.levels]
 
     def predict(self, images: Any) -> Prediction:
-        """Image scores, anomaly maps (N, crop, crop) and neighbour indices for ``images``."""
+        """Image scores, anomaly maps (N, crop, crop) and neighbour indices for ``images``.
+
+        Images are processed in chunks, so memory holds the maps but not every image's features.
+        """
         self._check_fitted()
         self._validate()
-        feats, names, _ = self._extract(images, "features")
-        dist2, neighbors = knn_images(feats.global_, self.bank_.global_, self.k_)
-        # Paper: image score = mean squared Euclidean distance to the K nearest normal images.
-        scores = dist2.mean(dim=1).numpy()
+        items, names = as_image_list(images)
         n = len(names)
+        scores = np.empty(n, dtype=np.float64)
+        neighbors = np.empty((n, self.k_), dtype=np.int64)
         maps = np.empty((n, self.crop_size, self.crop_size), dtype=np.float32)
-        for i in tqdm(range(n), desc="anomaly maps", unit="img", disable=not self.progress, leave=False):
-            maps[i] = self._anomaly_map(feats, i, neighbors[i])
-        return Prediction(scores.astype(np.float64), maps, neighbors.numpy().astype(np.int64), names)
+        chunk = max(self.batch_size, 64)
+        with tqdm(total=n, desc="predict", unit="img", disable=not self.progress, leave=False) as bar:
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
+                feats = extract_features(
+                    self._get_backbone(), items[start:stop], names[start:stop], self._prep,
+                    tuple(self.levels), self.batch_size, progress=False,
+                )
+                dist2, nb = knn_images(feats.global_, self.bank_.global_, self.k_)
+                # Paper: image score = mean squared Euclidean distance to the K nearest normal images.
+                scores[start:stop] = dist2.mean(dim=1).numpy()
+                neighbors[start:stop] = nb.numpy()
+                for j in range(stop - start):
+                    maps[start + j] = self._anomaly_map(feats, j, nb[j])
+                    bar.update(1)
+        return Prediction(scores, maps, neighbors, names)
 
     def _anomaly_map(self, feats: Features, i: int, neighbors: torch.Tensor) -> np.ndarray:
         """One image's map: per level, each pixel's distance to its nearest gallery feature."""
