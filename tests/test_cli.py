@@ -114,3 +114,29 @@ def test_bad_levels_option_is_a_usage_error(image_dirs, tmp_path):
     train, _ = image_dirs
     r = CliRunner().invoke(main, ["fit", str(train), "--out", str(tmp_path / "m"), "--levels", "1,4"])
     assert r.exit_code == 2 and "levels" in r.output
+
+
+def test_evaluate_plain_folders_with_masks_matched_by_stem(image_dirs, tmp_path):
+    train, test = image_dirs
+    good, bad, masks = tmp_path / "g", tmp_path / "b", tmp_path / "m"
+    for d in (good, bad, masks):
+        d.mkdir()
+    shutil.copy(test / "good_0.png", good / "ok.png")
+    for i in range(2):
+        shutil.copy(test / f"bad_{i}.png", bad / f"x{i}.png")
+        mask = np.zeros((48, 48), np.uint8)
+        mask[16:24, 24:32] = 255
+        # one mask named like its image, one with the MVTec _mask suffix
+        Image.fromarray(mask).save(masks / (f"x{i}.png" if i == 0 else f"x{i}_mask.png"))
+    js = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["evaluate", "--train", str(train), "--test-good", str(good), "--test-anomalous",
+                                  str(bad), "--masks", str(masks), "--json", str(js), *SMALL])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(js.read_text())["train"]
+    assert (rec["n_train"], rec["n_test"], rec["image_auroc"]) == (6, 3, 1.0)
+    assert rec["pixel_auroc"] > 0.9 and rec["pro"] is not None
+
+
+def test_evaluate_needs_a_layout():
+    r = CliRunner().invoke(main, ["evaluate"])
+    assert r.exit_code == 2 and "--category" in r.output

@@ -21,7 +21,7 @@ from PIL import Image
 
 from . import __version__
 from .backbones import available_backbones
-from .data import expand_inputs, load_mvtec, load_preprocessed
+from .data import expand_inputs, load_folders, load_mvtec, load_preprocessed
 from .errors import SpadeError
 from .evaluate import evaluate_dataset, find_categories, summarise
 from .model import SPADE
@@ -165,29 +165,52 @@ def _fmt(v: float | None) -> str:
 
 
 @main.command()
-@click.argument("root", type=click.Path(path_type=Path))
-@click.option("--category", "categories", multiple=True, required=True,
+@click.argument("root", type=click.Path(path_type=Path), required=False)
+@click.option("--category", "categories", multiple=True,
               help="Category folder under ROOT (repeatable), or 'all'.")
+@click.option("--train", "train_dir", type=click.Path(path_type=Path), default=None,
+              help="Plain folders instead of ROOT: folder of normal training images.")
+@click.option("--test-good", multiple=True, type=click.Path(path_type=Path),
+              help="Plain folders: folder of normal test images (repeatable).")
+@click.option("--test-anomalous", multiple=True, type=click.Path(path_type=Path),
+              help="Plain folders: folder of anomalous test images (repeatable).")
+@click.option("--masks", type=click.Path(path_type=Path), default=None,
+              help="Plain folders: masks matched to anomalous images by stem (x.png or x_mask.png).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
 @model_options
 @_handle_errors
-def evaluate(root: Path, categories: tuple[str, ...], json_path: Path | None, overwrite: bool, **opts: Any) -> None:
-    """Fit on ROOT/CATEGORY/train/good, score its test set, report image AUROC, pixel AUROC and PRO."""
+def evaluate(root: Path | None, categories: tuple[str, ...], train_dir: Path | None, test_good: tuple[Path, ...],
+             test_anomalous: tuple[Path, ...], masks: Path | None, json_path: Path | None, overwrite: bool,
+             **opts: Any) -> None:
+    """Fit on normal images, score a labelled test set, report image AUROC, pixel AUROC and PRO.
+
+    MVTec layout: ROOT --category C fits on ROOT/C/train/good and scores ROOT/C/test (masks from
+    ROOT/C/ground_truth). Plain folders: --train DIR --test-good DIR --test-anomalous DIR [--masks DIR].
+    """
     if json_path is not None:
         check_can_write(json_path, overwrite)
-    cats = list(categories)
-    if "all" in cats:
-        cats = find_categories(root)
-        if not cats:
-            raise SpadeError(f"{root}: no category folders (with train/good) found")
-    datasets = [load_mvtec(root, c) for c in cats]  # validate every layout before any heavy work
+    if train_dir is not None:
+        if root is not None or categories:
+            raise click.UsageError("give either ROOT --category C, or --train with --test-good/--test-anomalous")
+        if not test_good or not test_anomalous:
+            raise click.UsageError("--train needs at least one --test-good and one --test-anomalous folder")
+        datasets = [load_folders(train_dir, test_good, test_anomalous, masks, name=train_dir.name or "folders")]
+    else:
+        if root is None or not categories:
+            raise click.UsageError("give ROOT and --category (or --train/--test-good/--test-anomalous)")
+        cats = list(categories)
+        if "all" in cats:
+            cats = find_categories(root)
+            if not cats:
+                raise SpadeError(f"{root}: no category folders (with train/good) found")
+        datasets = [load_mvtec(root, c) for c in cats]  # validate every layout before any heavy work
     results = []
     for ds in datasets:
         click.echo(f"{ds.name}: {len(ds.train)} train, {len(ds.test)} test images", err=True)
         results.append(evaluate_dataset(ds, lambda: _make_model(opts), log=lambda s: click.echo(s, err=True)))
     config = {k: v for k, v in results[0].model_config.items() if k != "n_train"}
-    config.update(root=str(root), torch_version=torch.__version__, python=platform.python_version())
+    config.update(root=str(root) if root is not None else None, torch_version=torch.__version__, python=platform.python_version())
     summary = summarise(results, config)
     header = f"{'category':<16} {'image AUROC':>11} {'pixel AUROC':>11} {'PRO':>7} {'train':>6} {'test':>5} {'s/img':>6}"
     click.echo(header)
