@@ -18,6 +18,7 @@ import click
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from . import __version__
 from .backbones import available_backbones
@@ -147,12 +148,13 @@ def predict(model_path: Path, images: tuple[Path, ...], out: Path, overwrite: bo
     pred = model.predict(paths)
     with staged_dir(out, overwrite) as tmp:
         (tmp / "maps").mkdir()
-        for stem, amap in zip(stems, pred.anomaly_maps):
-            np.save(tmp / "maps" / f"{stem}.npy", amap)
         if not no_overlays:
             (tmp / "overlays").mkdir()
-            vmin, vmax = float(pred.anomaly_maps.min()), float(pred.anomaly_maps.max())
-            for path, stem, amap in zip(paths, stems, pred.anomaly_maps):
+        vmin, vmax = float(pred.anomaly_maps.min()), float(pred.anomaly_maps.max())
+        for path, stem, amap in tqdm(list(zip(paths, stems, pred.anomaly_maps)), desc="writing", unit="img",
+                                     leave=False):
+            np.save(tmp / "maps" / f"{stem}.npy", amap)
+            if not no_overlays:
                 img = load_preprocessed(path, str(path), model.image_size, model.crop_size, model.max_pixels)
                 Image.fromarray(heatmap_overlay(img, amap, vmin, vmax)).save(tmp / "overlays" / f"{stem}.png")
         write_csv(tmp / "scores.csv", ["path", "image_score"],

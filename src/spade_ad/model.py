@@ -124,12 +124,12 @@ class SPADE:
             self._backbone = bb
         return bb
 
-    def _extract(self, images: Any, desc: str) -> tuple[Features, list[str], list[Any]]:
+    def _extract(self, images: Any, desc: str) -> tuple[Features, list[str]]:
         items, names = as_image_list(images)
         feats = extract_features(
             self._get_backbone(), items, names, self._prep, tuple(self.levels), self.batch_size, self.progress, desc
         )
-        return feats, names, items
+        return feats, names
 
     def _check_fitted(self) -> None:
         if getattr(self, "bank_", None) is None:
@@ -141,8 +141,10 @@ class SPADE:
     def fit(self, train: Any) -> SPADE:
         """Store the features of normal images: a folder, a list of paths/arrays, or an array batch."""
         self._validate()
-        self._backbone = None
-        feats, names, _ = self._extract(train, "fit")
+        # Refitting starts from scratch (the weights may have changed); a failed fit leaves the model unfitted.
+        for attr in ("bank_", "k_", "weights_sha256_", "_backbone"):
+            self.__dict__.pop(attr, None)
+        feats, names = self._extract(train, "fit")
         n = len(names)
         if n < self.k:
             warnings.warn(
@@ -164,7 +166,7 @@ class SPADE:
     def extract(self, images: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Features exactly as ``predict`` uses them: global (N, D) and per level (N, C, h, w)."""
         self._validate()
-        feats, _, _ = self._extract(images, "extract")
+        feats, _ = self._extract(images, "extract")
         return feats.global_, [lv.permute(0, 3, 1, 2) for lv in feats.levels]
 
     def predict(self, images: Any) -> Prediction:
