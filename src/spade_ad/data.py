@@ -110,8 +110,8 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         img.close()
 
 
-def image_size_of(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """(width, height) of an image file, reading only its header (plus the usual checks)."""
+def image_size_of(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file, reading only its header."""
     p = Path(path)
     if not p.is_file():
         raise ImageError(f"{p}: no such file")
