@@ -22,12 +22,13 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .backbones import available_backbones
-from .data import expand_inputs, load_folders, load_mvtec, load_preprocessed
+from .data import Dataset, expand_inputs, load_folders, load_labelled, load_mvtec, load_preprocessed
 from .errors import SpadeError
-from .evaluate import evaluate_dataset, find_categories, summarise
-from .model import SPADE
+from .evaluate import evaluate_dataset, find_categories, load_masks, summarise
+from .model import SPADE, Explanation
+from .thresholds import f1_thresholds
 from .output import check_can_write, staged_dir, unique_stems, write_csv, write_json
-from .viz import heatmap_overlay
+from .viz import heatmap_overlay, rebuild_from_matches
 
 
 def _parse_levels(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -64,6 +65,17 @@ def model_options(f: Callable) -> Callable:
     ]
     for opt in reversed(opts):
         f = opt(f)
+    return f
+
+
+def threshold_options(f: Callable) -> Callable:
+    """How to choose decision thresholds, never from test data (shared by fit and evaluate)."""
+    f = click.option("--threshold-from", "threshold_from", type=click.Path(path_type=Path), default=None,
+                     help="Labelled validation folder (good/, <defect>/, ground_truth/<defect>/): "
+                          "F1-optimal thresholds.")(f)
+    f = click.option("--calibrate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+                     help="Hold out this fraction of the normal training images and set thresholds from their "
+                          "scores (0.99 / 0.999 quantiles of image / pixel scores).")(f)
     return f
 
 
@@ -113,16 +125,34 @@ def main() -> None:
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Model file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @model_options
+@threshold_options
 @_handle_errors
-def fit(data: Path, out: Path, overwrite: bool, **opts: Any) -> None:
+def fit(data: Path, out: Path, overwrite: bool, calibrate: float | None, threshold_from: Path | None,
+        **opts: Any) -> None:
     """Fit on DATA: a folder of normal images, or an MVTec category folder (its train/good is used)."""
     check_can_write(out, overwrite)
+    if calibrate is not None and threshold_from is not None:
+        raise click.UsageError("use either --calibrate or --threshold-from, not both")
+    validation = load_labelled(threshold_from) if threshold_from is not None else None
     train_dir = data / "train" / "good" if (data / "train" / "good").is_dir() else data
     t0 = time.perf_counter()
-    model = _make_model(opts).fit(train_dir)
+    model = _make_model(opts).fit(train_dir, calibrate=calibrate)
+    if validation is not None:
+        _thresholds_from_validation(model, validation)
     model.save(out)
     click.echo(f"fitted on {len(model.train_paths_)} images from {train_dir} in {time.perf_counter() - t0:.1f} s; "
                f"model written to {out}")
+    if model.thresholds_ is not None:
+        th = model.thresholds_
+        pixel = "none" if th.pixel is None else f"{th.pixel:.6g}"
+        click.echo(f"thresholds: image {th.image:.6g}, pixel {pixel} ({th.source})")
+
+
+def _thresholds_from_validation(model: SPADE, validation: Dataset) -> None:
+    pred = model.predict([t.path for t in validation.test])
+    masks = load_masks(validation, model.image_size, model.crop_size)
+    labels = np.array([t.label for t in validation.test])
+    model.set_thresholds(f1_thresholds(labels, pred.image_scores, masks, pred.anomaly_maps))
 
 
 @main.command()
@@ -132,34 +162,65 @@ def fit(data: Path, out: Path, overwrite: bool, **opts: Any) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--weights", default=None, help="Backbone weights file, if not where it was at fit time.")
 @click.option("--no-overlays", is_flag=True, help="Skip the overlay PNGs (faster).")
+@click.option("--explain", is_flag=True,
+              help="Also write explain/<stem>_neighbors.csv and explain/<stem>.png (image | rebuilt from matches).")
 @_handle_errors
 def predict(model_path: Path, images: tuple[Path, ...], out: Path, overwrite: bool, weights: str | None,
-            no_overlays: bool) -> None:
+            no_overlays: bool, explain: bool) -> None:
     """Score IMAGES (files and/or folders) with MODEL.
 
-    Writes OUT/scores.csv (path,image_score), OUT/maps/<stem>.npy (float32 anomaly map) and
-    OUT/overlays/<stem>.png (heatmap over the cropped image; one colour scale for the whole run).
-    When two inputs share a file stem, every output is named <parent folder>_<stem>.
+    Writes OUT/scores.csv (path,image_score[,is_anomalous]), OUT/maps/<stem>.npy (float32 anomaly
+    map), OUT/overlays/<stem>.png (heatmap over the cropped image; one colour scale for the whole
+    run) and, when the model has thresholds, OUT/masks/<stem>.png (pixels at or above the pixel
+    threshold). When two inputs share a file stem, every output is named <parent folder>_<stem>.
     """
     check_can_write(out, overwrite)
     model = SPADE.load(model_path, weights=weights, progress=True)
     paths = expand_inputs(images)
     stems = unique_stems([str(p) for p in paths])
     pred = model.predict(paths)
+    th = model.thresholds_
+    explanations = model.explain(paths) if explain else None
     with staged_dir(out, overwrite) as tmp:
         (tmp / "maps").mkdir()
         if not no_overlays:
             (tmp / "overlays").mkdir()
+        if th is not None and th.pixel is not None:
+            (tmp / "masks").mkdir()
+        if explain:
+            (tmp / "explain").mkdir()
         vmin, vmax = float(pred.anomaly_maps.min()), float(pred.anomaly_maps.max())
-        for path, stem, amap in tqdm(list(zip(paths, stems, pred.anomaly_maps)), desc="writing", unit="img",
-                                     leave=False):
+        for i, (path, stem, amap) in enumerate(tqdm(list(zip(paths, stems, pred.anomaly_maps)), desc="writing",
+                                                    unit="img", leave=False)):
             np.save(tmp / "maps" / f"{stem}.npy", amap)
-            if not no_overlays:
+            img = None
+            if not no_overlays or explain:
                 img = load_preprocessed(path, str(path), model.image_size, model.crop_size, model.max_pixels)
+            if not no_overlays:
                 Image.fromarray(heatmap_overlay(img, amap, vmin, vmax)).save(tmp / "overlays" / f"{stem}.png")
-        write_csv(tmp / "scores.csv", ["path", "image_score"],
-                  [[str(p), f"{s:.6g}"] for p, s in zip(paths, pred.image_scores)])
+            if th is not None and th.pixel is not None:
+                Image.fromarray(((amap >= th.pixel) * 255).astype(np.uint8), "L").save(tmp / "masks" / f"{stem}.png")
+            if explanations is not None:
+                _write_explanation(tmp / "explain", stem, explanations[i], img, model)
+        header = ["path", "image_score"] + (["is_anomalous"] if th is not None else [])
+        rows = []
+        for i, (p, s) in enumerate(zip(paths, pred.image_scores)):
+            row = [str(p), f"{s:.6g}"]
+            if pred.is_anomalous is not None:
+                row.append(int(pred.is_anomalous[i]))
+            rows.append(row)
+        write_csv(tmp / "scores.csv", header, rows)
     click.echo(f"scored {len(paths)} images; results in {out}")
+
+
+def _write_explanation(folder: Path, stem: str, e: Explanation, img: np.ndarray, model: SPADE) -> None:
+    """Neighbours CSV and the correspondence picture (image | rebuilt from matched normal patches)."""
+    write_csv(folder / f"{stem}_neighbors.csv", ["rank", "train_index", "train_path", "squared_distance"],
+              [[r + 1, int(j), model.train_paths_[j], f"{d:.6g}"]
+               for r, (j, d) in enumerate(zip(e.neighbors, e.neighbor_sq_distances))])
+    rebuilt = rebuild_from_matches(e, model.train_image)
+    pair = np.concatenate([img, np.ones((3, img.shape[1], 4), np.float32), rebuilt], axis=2)
+    Image.fromarray((pair.transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)).save(folder / f"{stem}.png")
 
 
 def _fmt(v: float | None) -> str:
@@ -181,10 +242,11 @@ def _fmt(v: float | None) -> str:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
 @model_options
+@threshold_options
 @_handle_errors
 def evaluate(root: Path | None, categories: tuple[str, ...], train_dir: Path | None, test_good: tuple[Path, ...],
              test_anomalous: tuple[Path, ...], masks: Path | None, json_path: Path | None, overwrite: bool,
-             **opts: Any) -> None:
+             calibrate: float | None, threshold_from: Path | None, **opts: Any) -> None:
     """Fit on normal images, score a labelled test set, report image AUROC, pixel AUROC and PRO.
 
     MVTec layout: ROOT --category C fits on ROOT/C/train/good and scores ROOT/C/test (masks from
@@ -207,10 +269,14 @@ def evaluate(root: Path | None, categories: tuple[str, ...], train_dir: Path | N
             if not cats:
                 raise SpadeError(f"{root}: no category folders (with train/good) found")
         datasets = [load_mvtec(root, c) for c in cats]  # validate every layout before any heavy work
+    if calibrate is not None and threshold_from is not None:
+        raise click.UsageError("use either --calibrate or --threshold-from, not both")
+    validation = load_labelled(threshold_from) if threshold_from is not None else None
     results = []
     for ds in datasets:
         click.echo(f"{ds.name}: {len(ds.train)} train, {len(ds.test)} test images", err=True)
-        results.append(evaluate_dataset(ds, lambda: _make_model(opts), log=lambda s: click.echo(s, err=True)))
+        results.append(evaluate_dataset(ds, lambda: _make_model(opts), log=lambda s: click.echo(s, err=True),
+                                        calibrate=calibrate, validation=validation))
     config = {k: v for k, v in results[0].model_config.items() if k != "n_train"}
     config.update(root=str(root) if root is not None else None, torch_version=torch.__version__, python=platform.python_version())
     summary = summarise(results, config)
@@ -220,6 +286,10 @@ def evaluate(root: Path | None, categories: tuple[str, ...], train_dir: Path | N
     for r in results:
         click.echo(f"{r.category:<16} {_fmt(r.image_auroc):>11} {_fmt(r.pixel_auroc):>11} {_fmt(r.pro):>7} "
                    f"{r.n_train:>6} {r.n_test:>5} {r.predict_seconds / r.n_test:>6.2f}")
+    for r in results:
+        if r.thresholds is not None:
+            click.echo(f"{r.category}: image F1 {_fmt(r.image_f1)}, pixel F1 {_fmt(r.pixel_f1)} at thresholds "
+                       f"chosen by {r.thresholds.source}")
     if len(results) > 1:
         m = summary["mean"]
         click.echo(f"{'mean':<16} {_fmt(m['image_auroc']):>11} {_fmt(m['pixel_auroc']):>11} {_fmt(m['pro']):>7}")

@@ -408,6 +408,28 @@ def load_folders(
     return ds
 
 
+def load_labelled(folder: str | os.PathLike, name: str | None = None) -> Dataset:
+    """A labelled folder (e.g. a validation set): ``folder/good/*`` normal, ``folder/<defect>/*``
+    anomalous, optional masks in ``folder/ground_truth/<defect>/<stem>[_mask].png``.
+
+    Returned as a :class:`Dataset` with no training images and the labelled images as ``test``.
+    """
+    base = Path(folder)
+    if not base.is_dir():
+        raise DatasetError(f"{base}: no such folder")
+    items: list[TestItem] = []
+    for sub in sorted(p for p in base.iterdir() if p.is_dir() and p.name != "ground_truth"):
+        label = 0 if sub.name == "good" else 1
+        group = [TestItem(p, label, sub.name) for p in list_images(sub)]
+        if label:
+            _attach_masks(group, base / "ground_truth" / sub.name, str(sub), required=False)
+        items.extend(group)
+    if not items:
+        raise DatasetError(f"{base}: no labelled sub-folders (good/, <defect>/)")
+    check_mask_sizes(items)
+    return Dataset(name=name or base.name, train=[], test=items)
+
+
 def check_mask_sizes(items: Iterable[TestItem]) -> None:
     """Every mask must have exactly its image's size (headers only; cheap)."""
     for t in items:

@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 
 from .data import Dataset, read_mask
+from .errors import SpadeError
 from .metrics import image_auroc, pixel_auroc, pro_auc
 from .model import SPADE, Prediction
+from .thresholds import Thresholds, f1_at, f1_thresholds
 
 
 @dataclass
@@ -32,6 +34,10 @@ class CategoryResult:
     labels: np.ndarray
     masks: np.ndarray | None
     model_config: dict[str, Any]
+    model: SPADE
+    thresholds: Thresholds | None = None
+    image_f1: float | None = None  # at the thresholds (chosen without the test set)
+    pixel_f1: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON record: metrics, counts and timings."""
@@ -45,6 +51,9 @@ class CategoryResult:
             "fit_seconds": round(self.fit_seconds, 3),
             "predict_seconds": round(self.predict_seconds, 3),
             "seconds_per_test_image": round(self.predict_seconds / max(self.n_test, 1), 4),
+            "thresholds": None if self.thresholds is None else self.thresholds.as_dict(),
+            "image_f1": self.image_f1,
+            "pixel_f1": self.pixel_f1,
         }
 
 
@@ -66,11 +75,26 @@ def evaluate_dataset(
     ds: Dataset,
     make_model: Callable[[], SPADE],
     log: Callable[[str], None] = lambda s: None,
+    calibrate: float | None = None,
+    validation: Dataset | None = None,
 ) -> CategoryResult:
-    """Fit a fresh model on ``ds.train``, predict ``ds.test``, compute image/pixel AUROC and PRO."""
+    """Fit a fresh model on ``ds.train``, predict ``ds.test``, compute image/pixel AUROC and PRO.
+
+    Thresholds (optional) never look at the test set: ``calibrate`` holds out that fraction of the
+    training images and takes quantiles of their scores; ``validation`` (a labelled dataset whose
+    ``test`` part is the validation set) picks F1-optimal thresholds. The test set is then only
+    scored, and image/pixel F1 at those thresholds are reported.
+    """
+    if calibrate is not None and validation is not None:
+        raise SpadeError("choose either calibration or a validation set for thresholds, not both")
     model = make_model()
     t0 = time.perf_counter()
-    model.fit(ds.train)
+    model.fit(ds.train, calibrate=calibrate)
+    if validation is not None:
+        vpred = model.predict([t.path for t in validation.test])
+        vmasks = load_masks(validation, model.image_size, model.crop_size)
+        vlabels = np.array([t.label for t in validation.test])
+        model.set_thresholds(f1_thresholds(vlabels, vpred.image_scores, vmasks, vpred.anomaly_maps))
     t1 = time.perf_counter()
     pred = model.predict([t.path for t in ds.test])
     t2 = time.perf_counter()
@@ -81,6 +105,12 @@ def evaluate_dataset(
     if masks is not None and masks.any():
         pix_auc = pixel_auroc(masks, pred.anomaly_maps)
         pro = pro_auc(masks, pred.anomaly_maps)
+    th = model.thresholds_
+    image_f1 = pixel_f1 = None
+    if th is not None:
+        image_f1 = f1_at(labels, pred.image_scores >= th.image)
+        if th.pixel is not None and masks is not None:
+            pixel_f1 = f1_at(masks, pred.anomaly_maps >= th.pixel)
     t3 = time.perf_counter()
     log(f"{ds.name}: fit {t1 - t0:.1f} s, predict {t2 - t1:.1f} s, metrics {t3 - t2:.1f} s")
     return CategoryResult(
@@ -88,7 +118,7 @@ def evaluate_dataset(
         image_auroc=float(img_auc),
         pixel_auroc=None if pix_auc is None else float(pix_auc),
         pro=None if pro is None else float(pro),
-        n_train=len(ds.train),
+        n_train=len(model.train_paths_),
         n_test=len(ds.test),
         seconds=t3 - t0,
         fit_seconds=t1 - t0,
@@ -97,6 +127,10 @@ def evaluate_dataset(
         labels=labels,
         masks=masks,
         model_config=model.get_config(),
+        model=model,
+        thresholds=th,
+        image_f1=image_f1,
+        pixel_f1=pixel_f1,
     )
 
 

@@ -20,11 +20,18 @@ from tqdm.auto import tqdm
 from . import __version__
 from .backbones import Backbone, backbone_info, build_backbone
 from .bank import FeatureBank, load_model_file, save_model_file
-from .data import DEFAULT_MAX_PIXELS, as_image_list
+from .data import DEFAULT_MAX_PIXELS, as_image_list, load_preprocessed
 from .errors import ModelFileError, NotFittedError, SpadeError, WeightsError
 from .features import Features, Preprocessing, extract_features
 from .maps import combine_levels, smooth
-from .search import knn_images, nearest_distances
+from .search import knn_images, nearest_distances, nearest_neighbors
+from .thresholds import (
+    DEFAULT_IMAGE_QUANTILE,
+    DEFAULT_PIXEL_QUANTILE,
+    Thresholds,
+    calibrate_thresholds,
+    split_holdout,
+)
 
 
 class SpadeWarning(UserWarning):
@@ -35,7 +42,7 @@ class SpadeWarning(UserWarning):
 class Prediction:
     """Output of :meth:`SPADE.predict`.
 
-    ``image_scores`` (N,) mean squared distance to the k nearest normal images;
+    ``image_scores`` (N,) mean squared distance to the k nearest normal images (float64);
     ``anomaly_maps`` (N, crop, crop) float32; ``neighbors`` (N, k) indices into the training set
     (``SPADE.train_paths_``), nearest first; ``names`` the input names (paths or ``array[i]``).
     """
@@ -44,6 +51,29 @@ class Prediction:
     anomaly_maps: np.ndarray
     neighbors: np.ndarray
     names: list[str]
+    is_anomalous: np.ndarray | None = None  # image_scores >= the model's image threshold, if it has one
+
+
+@dataclass
+class Explanation:
+    """Correspondences behind one image's score (see :meth:`SPADE.explain`).
+
+    ``neighbors`` (k,) training indices, nearest first, with their squared global distances;
+    at pyramid ``level`` (stride ``stride``), for every test position (y, x): the training image
+    ``source_image[y, x]`` and position (``source_y``, ``source_x``) of its nearest normal feature,
+    and the ``distance`` to it.
+    """
+
+    name: str
+    image_score: float
+    neighbors: np.ndarray
+    neighbor_sq_distances: np.ndarray
+    level: int
+    source_image: np.ndarray
+    source_y: np.ndarray
+    source_x: np.ndarray
+    distance: np.ndarray
+    stride: int
 
 
 class SPADE:
@@ -138,11 +168,20 @@ class SPADE:
     # ----------------------------------------------------------------------------------------
     # public API
     # ----------------------------------------------------------------------------------------
-    def fit(self, train: Any) -> SPADE:
-        """Store the features of normal images: a folder, a list of paths/arrays, or an array batch."""
+    def fit(self, train: Any, calibrate: float | None = None) -> SPADE:
+        """Store the features of normal images: a folder, a list of paths/arrays, or an array batch.
+
+        ``calibrate``: hold out this fraction of the images (seeded split), fit on the rest, and set
+        image/pixel thresholds from the held-out images' scores (see :mod:`spade_ad.thresholds`).
+        """
+        if calibrate is not None:
+            items, _ = as_image_list(train)
+            keep, hold = split_holdout(items, calibrate)
+            self.fit(keep)
+            return self.calibrate(hold)
         self._validate()
         # Refitting starts from scratch (the weights may have changed); a failed fit leaves the model unfitted.
-        for attr in ("bank_", "k_", "weights_sha256_", "_backbone"):
+        for attr in ("bank_", "k_", "weights_sha256_", "_backbone", "thresholds_"):
             self.__dict__.pop(attr, None)
         feats, names = self._extract(train, "fit")
         n = len(names)
@@ -155,6 +194,24 @@ class SPADE:
         self.bank_ = FeatureBank(feats.global_, feats.levels, names)
         self.k_ = min(self.k, n)
         self.weights_sha256_ = self._get_backbone().weights_sha256
+        self.thresholds_: Thresholds | None = None
+        return self
+
+    def calibrate(
+        self,
+        normal_images: Any,
+        image_quantile: float = DEFAULT_IMAGE_QUANTILE,
+        pixel_quantile: float = DEFAULT_PIXEL_QUANTILE,
+    ) -> SPADE:
+        """Set thresholds from normal images that are **not** in the bank (quantiles of their scores)."""
+        pred = self.predict(normal_images)
+        self.thresholds_ = calibrate_thresholds(pred.image_scores, pred.anomaly_maps, image_quantile, pixel_quantile)
+        return self
+
+    def set_thresholds(self, thresholds: Thresholds | None) -> SPADE:
+        """Use these thresholds (e.g. from :func:`spade_ad.thresholds.f1_thresholds` on validation data)."""
+        self._check_fitted()
+        self.thresholds_ = thresholds
         return self
 
     @property
@@ -196,19 +253,82 @@ class SPADE:
                 for j in range(stop - start):
                     maps[start + j] = self._anomaly_map(feats, j, nb[j])
                     bar.update(1)
-        return Prediction(scores, maps, neighbors, names)
+        flagged = None if self.thresholds_ is None else scores >= self.thresholds_.image
+        return Prediction(scores, maps, neighbors, names, flagged)
+
+    def _level_maps(
+        self, test_levels: list[torch.Tensor], neighbors: torch.Tensor, with_source: bool = False
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per level, each test pixel's distance to its nearest gallery feature, (h, w) each.
+
+        ``test_levels``: one (h, w, C) tensor per level for one image; ``neighbors``: its K nearest
+        training images. The gallery is every pixel feature of those images at that level. With
+        ``with_source`` (kappa = 1 only), also the flat gallery index of each match:
+        ``index = (neighbor rank * h + y) * w + x``.
+        """
+        maps, sources = [], []
+        for test_lv, bank_lv in zip(test_levels, self.bank_.levels):
+            h, w, c = test_lv.shape
+            gallery = bank_lv[neighbors].reshape(-1, c)
+            queries = test_lv.reshape(-1, c)
+            if with_source:
+                d, idx = nearest_neighbors(queries, gallery)
+                sources.append(idx.reshape(h, w))
+            else:
+                d = nearest_distances(queries, gallery, kappa=self.kappa)
+            maps.append(d.reshape(h, w))
+        return maps, sources
+
+    def _finish_map(self, level_maps: list[torch.Tensor]) -> np.ndarray:
+        """Upsample to the crop size, average the levels, smooth."""
+        return smooth(combine_levels(level_maps, self.crop_size).numpy(), self.sigma)
 
     def _anomaly_map(self, feats: Features, i: int, neighbors: torch.Tensor) -> np.ndarray:
-        """One image's map: per level, each pixel's distance to its nearest gallery feature."""
-        level_maps = []
-        for test_lv, bank_lv in zip(feats.levels, self.bank_.levels):
-            _, h, w, c = test_lv.shape
-            # Gallery: every pixel feature of the K nearest normal images at this level.
-            gallery = bank_lv[neighbors].reshape(-1, c)
-            d = nearest_distances(test_lv[i].reshape(-1, c), gallery, kappa=self.kappa)
-            level_maps.append(d.reshape(h, w))
-        combined = combine_levels(level_maps, self.crop_size)
-        return smooth(combined.numpy(), self.sigma)
+        """One image's anomaly map (crop, crop)."""
+        level_maps, _ = self._level_maps([lv[i] for lv in feats.levels], neighbors)
+        return self._finish_map(level_maps)
+
+    def train_image(self, i: int) -> np.ndarray:
+        """Training image ``i`` preprocessed as the model sees it, (3, crop, crop) in [0, 1].
+
+        Only for models fitted on files (the model stores names, not pixels).
+        """
+        self._check_fitted()
+        path = self.bank_.paths[i]
+        if path.startswith("array["):
+            raise SpadeError(f"training image {i} was an in-memory array; its pixels were not kept")
+        return load_preprocessed(path, path, self.image_size, self.crop_size, self.max_pixels)
+
+    def explain(self, images: Any) -> list[Explanation]:
+        """Why each image scored as it did: its nearest normal images and, at the finest level,
+        which training image and position each test pixel's nearest feature came from."""
+        self._check_fitted()
+        self._validate()
+        feats, names = self._extract(images, "explain")
+        dist2, nb = knn_images(feats.global_, self.bank_.global_, self.k_)
+        finest = int(np.argmin(self.levels))  # smallest level number = smallest stride
+        out = []
+        for i, name in enumerate(names):
+            test_lv = feats.levels[finest][i]
+            maps, sources = self._level_maps([test_lv], nb[i], with_source=True)
+            h, w, _ = test_lv.shape
+            flat = sources[0]
+            rank, rest = flat // (h * w), flat % (h * w)
+            out.append(
+                Explanation(
+                    name=name,
+                    image_score=float(dist2[i].mean()),
+                    neighbors=nb[i].numpy().astype(np.int64),
+                    neighbor_sq_distances=dist2[i].numpy(),
+                    level=int(self.levels[finest]),
+                    source_image=nb[i][rank].numpy().astype(np.int64),
+                    source_y=(rest // w).numpy().astype(np.int64),
+                    source_x=(rest % w).numpy().astype(np.int64),
+                    distance=maps[0].numpy(),
+                    stride=self.crop_size // h,
+                )
+            )
+        return out
 
     # ----------------------------------------------------------------------------------------
     # persistence
@@ -236,6 +356,7 @@ class SPADE:
             },
             "n_train": len(self.bank_),
             "package_version": __version__,
+            "thresholds": None if self.thresholds_ is None else self.thresholds_.as_dict(),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -279,4 +400,9 @@ class SPADE:
         model.k_ = min(model.k, len(bank))
         model.weights_sha256_ = expected_sha
         model._backbone = None
+        th = cfg.get("thresholds")
+        try:
+            model.thresholds_ = None if th is None else Thresholds.from_dict(th)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{path}: invalid thresholds ({exc})") from None
         return model

@@ -68,16 +68,49 @@ def _tiled_smallest(
     return out, out_tile
 
 
-def _refine_in_tile(q: torch.Tensor, g: torch.Tensor, tile_start: torch.Tensor, tile_g: int) -> torch.Tensor:
-    """Exact (float64) smallest squared distance of each query within its winning gallery tile."""
+def _refine_in_tile(
+    q: torch.Tensor, g: torch.Tensor, tile_start: torch.Tensor, tile_g: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact (float64) smallest squared distance of each query within its winning gallery tile,
+    and the gallery row it belongs to."""
     out = torch.empty(q.shape[0], dtype=torch.float64)
+    idx = torch.empty(q.shape[0], dtype=torch.long)
     for j in torch.unique(tile_start).tolist():
         rows = torch.nonzero(tile_start == j).squeeze(1)
         qj = q[rows].to(torch.float64)
         gj = g[j : j + tile_g].to(torch.float64)
         d2 = (qj * qj).sum(1, keepdim=True) + (gj * gj).sum(1)[None, :] - 2.0 * (qj @ gj.T)
-        out[rows] = d2.amin(dim=1)
-    return out.clamp_(min=0.0)
+        v, i = d2.min(dim=1)
+        out[rows] = v
+        idx[rows] = i + j
+    return out.clamp_(min=0.0), idx
+
+
+def nearest_neighbors(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    tile_q: int = DEFAULT_TILE_Q,
+    tile_g: int = DEFAULT_TILE_G,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distance of each query row to its nearest gallery row, and that row's index.
+
+    Returns ((M,) float32 distances, (M,) int64 gallery indices). See :func:`nearest_distances`
+    for how exactness is kept.
+    """
+    q, g = _centred(queries, gallery)
+    _, tile_start = _tiled_smallest(q, g, 1, tile_q, tile_g)
+    d2, idx = _refine_in_tile(q, g, tile_start, tile_g)
+    return d2.sqrt_().to(torch.float32), idx
+
+
+def _centred(queries: torch.Tensor, gallery: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets shifted by the gallery mean: distances unchanged, norms (and cancellation) smaller."""
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"shapes {tuple(queries.shape)} and {tuple(gallery.shape)} do not match")
+    if gallery.shape[0] == 0 or queries.shape[0] == 0:
+        raise ValueError("empty queries or gallery")
+    mu = gallery.mean(dim=0, keepdim=True)
+    return (queries - mu).contiguous(), (gallery - mu).contiguous()
 
 
 def nearest_distances(
@@ -98,16 +131,10 @@ def nearest_distances(
     distance is recomputed in float64 inside the tile that won, so the value is exact for the
     chosen neighbour. For kappa > 1 the float32 values are kept (clamped at 0 before the root).
     """
-    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
-        raise ValueError(f"shapes {tuple(queries.shape)} and {tuple(gallery.shape)} do not match")
-    if gallery.shape[0] == 0 or queries.shape[0] == 0:
-        raise ValueError("empty queries or gallery")
-    kappa = min(kappa, gallery.shape[0])
-    mu = gallery.mean(dim=0, keepdim=True)
-    q = (queries - mu).contiguous()
-    g = (gallery - mu).contiguous()
-    vals, tile_start = _tiled_smallest(q, g, kappa, tile_q, tile_g)
     if kappa == 1:
-        return _refine_in_tile(q, g, tile_start, tile_g).sqrt_().to(torch.float32)
+        return nearest_neighbors(queries, gallery, tile_q, tile_g)[0]
+    q, g = _centred(queries, gallery)
+    kappa = min(kappa, gallery.shape[0])
+    vals, _ = _tiled_smallest(q, g, kappa, tile_q, tile_g)
     d2 = (vals + (q * q).sum(1, keepdim=True)).clamp_(min=0.0)
     return d2.sqrt_().mean(dim=1)

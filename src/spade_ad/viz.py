@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from .model import Explanation
 
 
 def heatmap_overlay(
@@ -28,3 +34,30 @@ def heatmap_overlay(
     img = np.transpose(image_chw, (1, 2, 0))
     out = (1.0 - alpha) * img + alpha * heat
     return (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def rebuild_from_matches(
+    explanation: Explanation,
+    train_images: Callable[[int], np.ndarray],
+) -> np.ndarray:
+    """The test image rebuilt from the normal patches its pixels matched -> float32 (3, H, W).
+
+    For every position (y, x) of the explanation's level (stride s), the s x s patch at the matched
+    position of the matched training image is copied in. Where the test image shows something no
+    normal image has (a missing or alien part), the rebuild shows what normal parts look like there
+    instead, so the difference stands out side by side. ``train_images(i)`` returns training image i
+    preprocessed exactly as for the model, (3, H, W) in [0, 1].
+    """
+    e = explanation
+    s = e.stride
+    h, w = e.source_image.shape
+    out = np.zeros((3, h * s, w * s), dtype=np.float32)
+    cache: dict[int, np.ndarray] = {}
+    for idx in np.unique(e.source_image):
+        cache[int(idx)] = train_images(int(idx))
+    for y in range(h):
+        for x in range(w):
+            src = cache[int(e.source_image[y, x])]
+            sy, sx = int(e.source_y[y, x]) * s, int(e.source_x[y, x]) * s
+            out[:, y * s : (y + 1) * s, x * s : (x + 1) * s] = src[:, sy : sy + s, sx : sx + s]
+    return out
