@@ -177,3 +177,33 @@ def test_reference_formula_is_wrong_on_current_torch_and_ours_is_not():
     assert ref.shape != (h, w) or not np.allclose(ref.numpy(), brute, rtol=1e-3)
     ours = nearest_distances(test[0].permute(1, 2, 0).reshape(-1, c), gallery_maps.permute(0, 2, 3, 1).reshape(-1, c))
     np.testing.assert_allclose(ours.reshape(h, w).numpy(), brute, rtol=1e-5)
+
+
+def test_explanations_point_at_the_nearest_normal_feature(image_dirs):
+    train, test = image_dirs
+    model = SPADE(**SMALL).fit(train)
+    (e,) = model.explain([sorted(test.iterdir())[0]])
+    _, lv_train = model.extract(train)
+    _, lv_test = model.extract([sorted(test.iterdir())[0]])
+    t = lv_test[0][0].double()  # (C, 12, 12): finest level, stride 4
+    b = lv_train[0].double()  # (6, C, 12, 12)
+    assert e.level == 1 and e.stride == 4 and e.source_image.shape == (12, 12)
+    assert set(np.unique(e.source_image)) <= set(e.neighbors.tolist())
+    gallery = b[e.neighbors].permute(0, 2, 3, 1).reshape(-1, b.shape[1])
+    for y in range(12):
+        for x in range(12):
+            matched = b[e.source_image[y, x], :, e.source_y[y, x], e.source_x[y, x]]
+            d = float(torch.linalg.vector_norm(t[:, y, x] - matched))
+            best = float(torch.linalg.vector_norm(gallery - t[:, y, x], dim=1).min())
+            assert d == pytest.approx(best, rel=1e-5) and e.distance[y, x] == pytest.approx(best, rel=1e-5)
+
+
+def test_a_training_image_is_rebuilt_from_itself(image_dirs):
+    from spade_ad.viz import rebuild_from_matches
+
+    train, _ = image_dirs
+    model = SPADE(**SMALL).fit(train)
+    (e,) = model.explain([sorted(train.iterdir())[2]])
+    # Not exactly 0: convolution kernels differ with batch size (1 here, 6 at fit), ~1e-5 apart.
+    assert e.distance.max() < 1e-3 and np.all(e.source_image == 2)
+    np.testing.assert_array_equal(rebuild_from_matches(e, model.train_image), model.train_image(2))
