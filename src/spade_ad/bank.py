@@ -64,6 +64,13 @@ def content_sha256(tensors: dict[str, torch.Tensor], *texts: str) -> str:
     return h.hexdigest()
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it; there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Call ``write(tmp_path)`` on a temp file next to ``path``, fsync it, then rename it into place.
 
@@ -75,6 +82,8 @@ def atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp makes 0600 files; give the result the permissions a plainly created file would get.
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -240,13 +240,18 @@ def _fmt(v: float | None) -> str:
 @click.option("--masks", type=click.Path(path_type=Path), default=None,
               help="Plain folders: masks matched to anomalous images by stem (x.png or x_mask.png).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
-@click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None,
+              help="Write an HTML report folder (index.html, summary.md, report.json, img/).")
+@click.option("--gallery", type=click.IntRange(min=0), default=24, show_default=True,
+              help="Gallery images per category in the --report.")
+@click.option("--overwrite", is_flag=True, help="Replace the --json file / --report folder if they exist.")
 @model_options
 @threshold_options
 @_handle_errors
 def evaluate(root: Path | None, categories: tuple[str, ...], train_dir: Path | None, test_good: tuple[Path, ...],
-             test_anomalous: tuple[Path, ...], masks: Path | None, json_path: Path | None, overwrite: bool,
-             calibrate: float | None, threshold_from: Path | None, **opts: Any) -> None:
+             test_anomalous: tuple[Path, ...], masks: Path | None, json_path: Path | None, report_dir: Path | None,
+             gallery: int, overwrite: bool, calibrate: float | None, threshold_from: Path | None,
+             **opts: Any) -> None:
     """Fit on normal images, score a labelled test set, report image AUROC, pixel AUROC and PRO.
 
     MVTec layout: ROOT --category C fits on ROOT/C/train/good and scores ROOT/C/test (masks from
@@ -254,6 +259,8 @@ def evaluate(root: Path | None, categories: tuple[str, ...], train_dir: Path | N
     """
     if json_path is not None:
         check_can_write(json_path, overwrite)
+    if report_dir is not None:
+        check_can_write(report_dir, overwrite)
     if train_dir is not None:
         if root is not None or categories:
             raise click.UsageError("give either ROOT --category C, or --train with --test-good/--test-anomalous")
@@ -296,6 +303,11 @@ def evaluate(root: Path | None, categories: tuple[str, ...], train_dir: Path | N
     if json_path is not None:
         write_json(json_path, summary)
         click.echo(f"results written to {json_path}", err=True)
+    if report_dir is not None:
+        from .report import write_report  # matplotlib is imported only when a report is asked for
+
+        write_report(results, report_dir, config, overwrite=overwrite, gallery_per_category=gallery, progress=True)
+        click.echo(f"report written to {report_dir / 'index.html'}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

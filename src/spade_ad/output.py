@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .bank import atomic_write
+from .bank import atomic_write, current_umask
 from .errors import SpadeError
 
 
@@ -34,6 +34,8 @@ def staged_dir(final: Path, overwrite: bool) -> Iterator[Path]:
     check_can_write(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    # mkdtemp makes 0700 folders; results are meant to be shared, so use what mkdir would have given.
+    tmp.chmod(0o777 & ~current_umask())
     try:
         yield tmp
     except BaseException:
