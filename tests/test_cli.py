@@ -140,3 +140,28 @@ def test_evaluate_plain_folders_with_masks_matched_by_stem(image_dirs, tmp_path)
 def test_evaluate_needs_a_layout():
     r = CliRunner().invoke(main, ["evaluate"])
     assert r.exit_code == 2 and "--category" in r.output
+
+
+def test_ablate_prints_and_writes_the_table(image_dirs, tmp_path):
+    train, test = image_dirs
+    root = tmp_path / "root"
+    cat = root / "toy"
+    shutil.copytree(train, cat / "train" / "good")
+    (cat / "test" / "good").mkdir(parents=True)
+    (cat / "test" / "square").mkdir()
+    (cat / "ground_truth" / "square").mkdir(parents=True)
+    shutil.copy(test / "good_0.png", cat / "test" / "good" / "000.png")
+    for i in range(2):
+        shutil.copy(test / f"bad_{i}.png", cat / "test" / "square" / f"00{i}.png")
+        mask = np.zeros((48, 48), np.uint8)
+        mask[16:24, 24:32] = 255
+        Image.fromarray(mask).save(cat / "ground_truth" / "square" / f"00{i}_mask.png")
+    js, md = tmp_path / "a.json", tmp_path / "a.md"
+    r = CliRunner().invoke(main, ["ablate", str(root), "--category", "toy", "--json", str(js), "--markdown", str(md),
+                                  *SMALL])
+    assert r.exit_code == 0, r.output
+    assert "stride 4" in r.output and "sigma" in r.output.lower()
+    data = json.loads(js.read_text())
+    settings = [row["setting"] for row in data["rows"]]
+    assert len(settings) >= 12 and any("random" in s.lower() for s in settings)
+    assert "|" in md.read_text()

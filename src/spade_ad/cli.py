@@ -27,6 +27,7 @@ from .errors import SpadeError
 from .evaluate import evaluate_dataset, find_categories, load_masks, summarise
 from .model import SPADE, Explanation
 from .thresholds import f1_thresholds
+from .bank import atomic_write
 from .output import check_can_write, staged_dir, unique_stems, write_csv, write_json
 from .viz import heatmap_overlay, rebuild_from_matches
 
@@ -308,6 +309,41 @@ def evaluate(root: Path | None, categories: tuple[str, ...], train_dir: Path | N
 
         write_report(results, report_dir, config, overwrite=overwrite, gallery_per_category=gallery, progress=True)
         click.echo(f"report written to {report_dir / 'index.html'}", err=True)
+
+
+@main.command()
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option("--category", required=True, help="Category folder under ROOT (MVTec layout).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the rows as JSON.")
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None,
+              help="Write the tables as Markdown.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random galleries (K random row).")
+@click.option("--overwrite", is_flag=True, help="Replace the --json / --markdown files if they exist.")
+@model_options
+@_handle_errors
+def ablate(root: Path, category: str, json_path: Path | None, markdown_path: Path | None, seed: int,
+           overwrite: bool, **opts: Any) -> None:
+    """Ablations of the kind in paper tables 6 and 7 on one category: pyramid levels, K nearest vs K random
+    gallery, k (1, 5, 10, 50) and sigma (0, 2, 4, 8) around the model options (paper defaults).
+
+    The backbone runs once over the training and once over the test images; every row reuses those features.
+    """
+    from .ablate import run_ablation
+
+    for path in (json_path, markdown_path):
+        if path is not None:
+            check_can_write(path, overwrite)
+    ds = load_mvtec(root, category)  # validates the layout before any heavy work
+    click.echo(f"{ds.name}: {len(ds.train)} train, {len(ds.test)} test images", err=True)
+    result = run_ablation(ds, _make_model(opts), seed=seed, progress=True)
+    click.echo(result.as_table(), nl=False)
+    if json_path is not None:
+        write_json(json_path, result.as_dict())
+        click.echo(f"results written to {json_path}", err=True)
+    if markdown_path is not None:
+        text = result.as_markdown()
+        atomic_write(markdown_path, lambda tmp: Path(tmp).write_text(text))
+        click.echo(f"tables written to {markdown_path}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover
