@@ -240,6 +240,11 @@ def _fmt(v: float | None) -> str:
               help="Plain folders: folder of anomalous test images (repeatable).")
 @click.option("--masks", type=click.Path(path_type=Path), default=None,
               help="Plain folders: masks matched to anomalous images by stem (x.png or x_mask.png).")
+@click.option("--video", type=click.Path(path_type=Path), default=None,
+              help="Video frames instead of ROOT: DIR/train/<video>/, DIR/test/<video>/, DIR/test_masks/ "
+                   "(the paper's setting: k=1 unless --k is given).")
+@click.option("--train-frames", type=click.IntRange(min=1), default=None,
+              help="With --video: subsample the training frames evenly to this many.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None,
               help="Write an HTML report folder (index.html, summary.md, report.json, img/).")
@@ -250,19 +255,31 @@ def _fmt(v: float | None) -> str:
 @threshold_options
 @_handle_errors
 def evaluate(root: Path | None, categories: tuple[str, ...], train_dir: Path | None, test_good: tuple[Path, ...],
-             test_anomalous: tuple[Path, ...], masks: Path | None, json_path: Path | None, report_dir: Path | None,
+             test_anomalous: tuple[Path, ...], masks: Path | None, video: Path | None, train_frames: int | None,
+             json_path: Path | None, report_dir: Path | None,
              gallery: int, overwrite: bool, calibrate: float | None, threshold_from: Path | None,
              **opts: Any) -> None:
     """Fit on normal images, score a labelled test set, report image AUROC, pixel AUROC and PRO.
 
     MVTec layout: ROOT --category C fits on ROOT/C/train/good and scores ROOT/C/test (masks from
     ROOT/C/ground_truth). Plain folders: --train DIR --test-good DIR --test-anomalous DIR [--masks DIR].
+    Video frames: --video DIR [--train-frames N].
     """
     if json_path is not None:
         check_can_write(json_path, overwrite)
     if report_dir is not None:
         check_can_write(report_dir, overwrite)
-    if train_dir is not None:
+    if video is not None:
+        if root is not None or categories or train_dir is not None:
+            raise click.UsageError("--video replaces ROOT/--category and --train")
+        from .video import VIDEO_PRESET, load_video_frames
+
+        ctx = click.get_current_context()
+        for key, value in VIDEO_PRESET.items():
+            if ctx.get_parameter_source(key) is click.core.ParameterSource.DEFAULT:
+                opts[key] = value
+        datasets = [load_video_frames(video, train_frames=train_frames)]
+    elif train_dir is not None:
         if root is not None or categories:
             raise click.UsageError("give either ROOT --category C, or --train with --test-good/--test-anomalous")
         if not test_good or not test_anomalous:

@@ -61,7 +61,10 @@ def load_masks(ds: Dataset, image_size: int, crop_size: int) -> np.ndarray | Non
     """Ground truth (N, crop, crop) bool in test order; normal images get all-False masks.
 
     Returns None when no anomalous image has a mask (pixel metrics are then not defined).
+    Datasets with their own mask storage (video frames: one array per video) provide ``load_masks``.
     """
+    if hasattr(ds, "load_masks"):
+        return ds.load_masks(image_size, crop_size)
     if not any(t.mask is not None for t in ds.test):
         return None
     masks = np.zeros((len(ds.test), crop_size, crop_size), dtype=bool)

@@ -4,8 +4,11 @@ Layout read by :func:`load_video_frames`::
 
     root/train/<video>/<frame images>            normal videos, one folder of frames each
     root/test/<video>/<frame images>             test videos
-    root/test_masks/<video>/<frame stem>.png     per-frame masks (0 = normal pixel, >0 = anomalous), or
-    root/test_masks/<video>.npy                  one array per video, (n_frames, H, W), frames in order
+    root/test_masks/<video>/<frame stem>.png     per-frame masks, 0 = normal, 255 = anomalous pixel, or
+    root/test_masks/<video>.npy                  one array per video, (n_frames, H, W), > 0 = anomalous
+
+PNG masks are thresholded at half scale exactly as :func:`~spade_ad.data.read_mask` does for MVTec
+(a 0/1 PNG, which that would read as empty, is refused); ``.npy`` arrays count any value > 0.
 
 Frames are sorted by name in natural order (``2.png`` before ``10.png``), videos too; that order is
 the order of the test set and of the frames in a ``.npy`` mask array.
@@ -14,8 +17,8 @@ Paper settings for this data (SPADE, Cohen & Hoshen 2020, STC experiment): each 
 the model is fitted on frames of the normal training videos, subsampled evenly because consecutive
 frames are nearly identical and the full training set is hundreds of thousands of frames (here:
 ``train_frames``); the image score and the pixel gallery use only the single nearest training
-frame, ``k=1`` (:data:`VIDEO_PRESET`), since a fixed camera's nearest normal frame already shows
-the same scene; everything else (backbone pyramid levels, kappa=1, Gaussian sigma=4, resize 256 and
+frame, ``k=1`` (:data:`VIDEO_PRESET`; with a fixed camera per scene, the nearest normal frame
+is the natural gallery); everything else (backbone pyramid levels, kappa=1, Gaussian sigma=4, resize 256 and
 centre crop 224) is as in the paper's MVTec settings, i.e. the :class:`~spade_ad.model.SPADE`
 defaults. Segmentation is scored with pixel AUROC against the per-frame masks
 (:func:`load_video_masks`).
@@ -44,10 +47,10 @@ from .data import (
 )
 from .errors import DatasetError, ImageError
 
-__all__ = ["VIDEO_PRESET", "VideoFrame", "VideoDataset", "load_video_frames", "load_video_masks", "natural_key"]
+__all__ = ["VIDEO_PRESET", "VideoDataset", "VideoFrame", "load_video_frames", "load_video_masks", "natural_key"]
 
 #: SPADE options for video frames, on top of the defaults (which are the paper's MVTec settings).
-VIDEO_PRESET: dict[str, int] = dict(k=1)
+VIDEO_PRESET: dict[str, int] = {"k": 1}
 
 _DIGITS = re.compile(r"(\d+)")
 
@@ -166,9 +169,7 @@ def _check_npy(path: Path, frames: list[Path]) -> list[int]:
     for i, f in enumerate(frames):
         w, h = image_size_of(f)
         if arr.shape[1:] != (h, w):
-            raise ImageError(
-                f"{path}: masks are {arr.shape[2]}x{arr.shape[1]} (WxH) but frame {f.name} is {w}x{h}"
-            )
+            raise ImageError(f"{path}: masks are {arr.shape[2]}x{arr.shape[1]} (WxH) but frame {f.name} is {w}x{h}")
         # One frame at a time: the whole comparison would materialise n_frames*H*W bools.
         m = np.asarray(arr[i])
         if np.issubdtype(m.dtype, np.floating) and not np.isfinite(m).all():
@@ -268,12 +269,13 @@ def load_video_masks(ds: Dataset, image_size: int, crop_size: int) -> np.ndarray
     out = np.zeros((len(ds.test), crop_size, crop_size), dtype=bool)
     arrays: dict[Path, np.ndarray] = {}
     for i, t in enumerate(ds.test):
-        png = getattr(t, "mask_file", None) or t.mask
-        npy = getattr(t, "mask_array", None)
-        if npy is not None:
-            if npy not in arrays:
+        if isinstance(t, VideoFrame) and t.mask_array is not None:
+            npy = t.mask_array
+            if npy not in arrays:  # memory-mapped once per video, read one frame at a time
                 arrays[npy] = _open_npy(npy)
             out[i] = _binary_to_crop(np.asarray(arrays[npy][t.index]) > 0, image_size, crop_size)
-        elif png is not None:
+            continue
+        png = t.mask_file if isinstance(t, VideoFrame) and t.mask_file is not None else t.mask
+        if png is not None:
             out[i] = read_mask(png, image_size, crop_size)
     return out
