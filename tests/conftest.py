@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,25 @@ def image_dirs(tmp_path: Path) -> tuple[Path, Path]:
     for i in range(2):
         Image.fromarray(make_image(rng, defect=True)).save(test / f"bad_{i}.png")
     return train, test
+
+
+@pytest.fixture
+def toy_mvtec(image_dirs: tuple[Path, Path], tmp_path: Path) -> Path:
+    """An MVTec-layout category ``<tmp>/root/toy``: 6 train/good, test/good (1), test/square (2)
+    with masks at the square that :func:`make_image` draws (rows 16..24, columns 24..32)."""
+    train, test = image_dirs
+    cat = tmp_path / "root" / "toy"
+    shutil.copytree(train, cat / "train" / "good")
+    (cat / "test" / "good").mkdir(parents=True)
+    (cat / "test" / "square").mkdir()
+    (cat / "ground_truth" / "square").mkdir(parents=True)
+    shutil.copy(test / "good_0.png", cat / "test" / "good" / "000.png")
+    for i in range(2):
+        shutil.copy(test / f"bad_{i}.png", cat / "test" / "square" / f"00{i}.png")
+        mask = np.zeros((48, 48), np.uint8)
+        mask[16:24, 24:32] = 255
+        Image.fromarray(mask).save(cat / "ground_truth" / "square" / f"00{i}_mask.png")
+    return cat
 
 
 @pytest.fixture(autouse=True)

@@ -71,20 +71,8 @@ def test_predict_names_outputs_by_folder_when_stems_collide(image_dirs, tmp_path
     assert not (out / "overlays").exists()
 
 
-def test_evaluate_json_on_a_small_mvtec_layout(image_dirs, tmp_path):
-    train, test = image_dirs
-    root = tmp_path / "root"
-    cat = root / "toy"
-    shutil.copytree(train, cat / "train" / "good")
-    (cat / "test" / "good").mkdir(parents=True)
-    (cat / "test" / "square").mkdir()
-    (cat / "ground_truth" / "square").mkdir(parents=True)
-    shutil.copy(test / "good_0.png", cat / "test" / "good" / "000.png")
-    for i in range(2):
-        shutil.copy(test / f"bad_{i}.png", cat / "test" / "square" / f"00{i}.png")
-        mask = np.zeros((48, 48), np.uint8)
-        mask[16:24, 24:32] = 255  # where conftest.make_image draws the defect
-        Image.fromarray(mask).save(cat / "ground_truth" / "square" / f"00{i}_mask.png")
+def test_evaluate_json_on_a_small_mvtec_layout(toy_mvtec, tmp_path):
+    root = toy_mvtec.parent
     js = tmp_path / "r.json"
     r = CliRunner().invoke(main, ["evaluate", str(root), "--category", "all", "--json", str(js), *SMALL])
     assert r.exit_code == 0, r.output
@@ -142,20 +130,8 @@ def test_evaluate_needs_a_layout():
     assert r.exit_code == 2 and "--category" in r.output
 
 
-def test_ablate_prints_and_writes_the_table(image_dirs, tmp_path):
-    train, test = image_dirs
-    root = tmp_path / "root"
-    cat = root / "toy"
-    shutil.copytree(train, cat / "train" / "good")
-    (cat / "test" / "good").mkdir(parents=True)
-    (cat / "test" / "square").mkdir()
-    (cat / "ground_truth" / "square").mkdir(parents=True)
-    shutil.copy(test / "good_0.png", cat / "test" / "good" / "000.png")
-    for i in range(2):
-        shutil.copy(test / f"bad_{i}.png", cat / "test" / "square" / f"00{i}.png")
-        mask = np.zeros((48, 48), np.uint8)
-        mask[16:24, 24:32] = 255
-        Image.fromarray(mask).save(cat / "ground_truth" / "square" / f"00{i}_mask.png")
+def test_ablate_prints_and_writes_the_table(toy_mvtec, tmp_path):
+    root = toy_mvtec.parent
     js, md = tmp_path / "a.json", tmp_path / "a.md"
     r = CliRunner().invoke(main, ["ablate", str(root), "--category", "toy", "--json", str(js), "--markdown", str(md),
                                   *SMALL])

@@ -63,25 +63,9 @@ def test_f1_at_by_hand():
     assert f1_at(np.array([0, 0]), np.array([0, 0])) == 0.0
 
 
-def _toy_mvtec(root: Path, image_dirs) -> Path:
-    train, test = image_dirs
-    cat = root / "toy"
-    shutil.copytree(train, cat / "train" / "good")
-    (cat / "test" / "good").mkdir(parents=True)
-    (cat / "test" / "square").mkdir()
-    (cat / "ground_truth" / "square").mkdir(parents=True)
-    shutil.copy(test / "good_0.png", cat / "test" / "good" / "000.png")
-    for i in range(2):
-        shutil.copy(test / f"bad_{i}.png", cat / "test" / "square" / f"00{i}.png")
-        mask = np.zeros((48, 48), np.uint8)
-        mask[16:24, 24:32] = 255
-        Image.fromarray(mask).save(cat / "ground_truth" / "square" / f"00{i}_mask.png")
-    return cat
-
-
-def test_evaluate_never_reads_the_test_set_for_thresholds(image_dirs, tmp_path, monkeypatch):
-    cat = _toy_mvtec(tmp_path, image_dirs)
-    ds = load_mvtec(tmp_path, "toy")
+def test_evaluate_never_reads_the_test_set_for_thresholds(toy_mvtec, monkeypatch):
+    cat = toy_mvtec
+    ds = load_mvtec(cat.parent, "toy")
     test_paths = {str(t.path) for t in ds.test}
     calls: list[tuple[set[str], bool]] = []
     real_predict = SPADE.predict
