@@ -25,7 +25,7 @@ from .backbones import available_backbones
 from .data import Dataset, expand_inputs, load_folders, load_labelled, load_mvtec, load_preprocessed
 from .errors import SpadeError
 from .evaluate import evaluate_dataset, find_categories, load_masks, summarise
-from .model import SPADE, Explanation
+from .model import IMAGE_SCORES, SPADE, Explanation
 from .thresholds import f1_thresholds
 from .bank import atomic_write
 from .output import check_can_write, staged_dir, unique_stems, write_csv, write_json
@@ -63,6 +63,12 @@ def model_options(f: Callable) -> Callable:
                      help="Centre crop; anomaly maps have this size."),
         click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
                      help="Images per backbone batch."),
+        click.option("--image-score", type=click.Choice(list(IMAGE_SCORES)), default="knn", show_default=True,
+                     help="knn (paper), map_max (maximum of the anomaly map), or knn*map_max."),
+        click.option("--image-k", type=click.IntRange(min=1), default=None,
+                     help="Nearest normal images for the kNN image score (default: --k)."),
+        click.option("--patch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Average pixel features over odd PxP neighbourhoods before matching (1 = paper)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -85,6 +91,7 @@ def _make_model(opts: dict[str, Any], progress: bool = True) -> SPADE:
         backbone=opts["backbone"], k=opts["k"], kappa=opts["kappa"], levels=opts["levels"],
         sigma=opts["sigma"], image_size=opts["image_size"], crop_size=opts["crop_size"],
         weights=opts["weights"], batch_size=opts["batch_size"], progress=progress,
+        image_score=opts["image_score"], image_k=opts["image_k"], patch_size=opts["patch_size"],
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .backbones import Backbone
@@ -77,15 +78,27 @@ def extract_features(
     batch_size: int = 16,
     progress: bool = False,
     desc: str = "features",
+    patch_size: int = 1,
 ) -> Features:
-    """Backbone features for ``items`` (paths or arrays): global vectors and the chosen levels."""
+    """Backbone features for ``items`` (paths or arrays): global vectors and the chosen levels.
+
+    ``patch_size`` > 1 averages every pixel feature over its patch_size x patch_size neighbourhood
+    (stride 1, borders averaged over the pixels that exist), as PatchCore's locally aware features;
+    1 is the paper's plain per-pixel feature.
+    """
     n = len(items)
     g_out: torch.Tensor | None = None
     lv_out: list[torch.Tensor] = []
     with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for start, x in iter_batches(items, names, prep, batch_size):
             g, levels = backbone(x)
-            chosen = [levels[i - 1].permute(0, 2, 3, 1) for i in level_ids]
+            chosen = [levels[i - 1] for i in level_ids]
+            if patch_size > 1:
+                chosen = [
+                    F.avg_pool2d(lv, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)
+                    for lv in chosen
+                ]
+            chosen = [lv.permute(0, 2, 3, 1) for lv in chosen]
             check_finite(g, chosen, names[start : start + x.shape[0]])
             if g_out is None:
                 # Allocate once the shapes are known: no list of batches, no final concatenation copy.

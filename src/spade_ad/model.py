@@ -34,6 +34,9 @@ from .thresholds import (
 )
 
 
+IMAGE_SCORES = ("knn", "map_max", "knn*map_max")
+
+
 class SpadeWarning(UserWarning):
     """Something worth knowing that does not stop the work (e.g. fewer training images than k)."""
 
@@ -58,6 +61,7 @@ class Prediction:
 class Explanation:
     """Correspondences behind one image's score (see :meth:`SPADE.explain`).
 
+    ``knn_score`` the kNN image score (mean squared global distance to the ``image_k`` nearest);
     ``neighbors`` (k,) training indices, nearest first, with their squared global distances;
     at pyramid ``level`` (stride ``stride``), for every test position (y, x): the training image
     ``source_image[y, x]`` and position (``source_y``, ``source_x``) of its nearest normal feature,
@@ -65,7 +69,7 @@ class Explanation:
     """
 
     name: str
-    image_score: float
+    knn_score: float
     neighbors: np.ndarray
     neighbor_sq_distances: np.ndarray
     level: int
@@ -91,6 +95,13 @@ class SPADE:
     batch_size: images per backbone batch.
     progress: show progress bars.
     max_pixels: refuse images larger than this (decompression bombs).
+    image_score: ``"knn"`` (paper: mean squared distance to the ``image_k`` nearest normal images),
+        ``"map_max"`` (maximum of the smoothed anomaly map), or ``"knn*map_max"`` (sqrt of the kNN
+        score times the map maximum: a product, so its ranking does not depend on either term's scale).
+    image_k: nearest normal images for the kNN image score (None = ``k``, the paper's choice); the
+        pixel gallery always uses ``k``.
+    patch_size: average pixel features over patch_size x patch_size neighbourhoods before matching
+        (odd; 1 = the paper's plain features).
     """
 
     def __init__(
@@ -106,6 +117,9 @@ class SPADE:
         batch_size: int = 16,
         progress: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        image_score: str = "knn",
+        image_k: int | None = None,
+        patch_size: int = 1,
     ) -> None:
         self.backbone = backbone
         self.k = k
@@ -118,6 +132,9 @@ class SPADE:
         self.batch_size = batch_size
         self.progress = progress
         self.max_pixels = max_pixels
+        self.image_score = image_score
+        self.image_k = image_k
+        self.patch_size = patch_size
 
     # ----------------------------------------------------------------------------------------
     # validation and shared pieces
@@ -133,6 +150,12 @@ class SPADE:
             raise SpadeError(f"levels must be distinct values from 1, 2, 3 (strides 4, 8, 16), got {self.levels!r}")
         if not (isinstance(self.sigma, (int, float)) and self.sigma >= 0):
             raise SpadeError(f"sigma must be a number >= 0, got {self.sigma!r}")
+        if self.image_score not in IMAGE_SCORES:
+            raise SpadeError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {self.image_score!r}")
+        if self.image_k is not None and (not isinstance(self.image_k, (int, np.integer)) or self.image_k < 1):
+            raise SpadeError(f"image_k must be None or a positive integer, got {self.image_k!r}")
+        if not isinstance(self.patch_size, (int, np.integer)) or self.patch_size < 1 or self.patch_size % 2 == 0:
+            raise SpadeError(f"patch_size must be an odd positive integer, got {self.patch_size!r}")
         if self.crop_size > self.image_size:
             raise SpadeError(f"crop_size {self.crop_size} is larger than image_size {self.image_size}")
 
@@ -157,7 +180,8 @@ class SPADE:
     def _extract(self, images: Any, desc: str) -> tuple[Features, list[str]]:
         items, names = as_image_list(images)
         feats = extract_features(
-            self._get_backbone(), items, names, self._prep, tuple(self.levels), self.batch_size, self.progress, desc
+            self._get_backbone(), items, names, self._prep, tuple(self.levels), self.batch_size, self.progress, desc,
+            patch_size=self.patch_size,
         )
         return feats, names
 
@@ -181,7 +205,7 @@ class SPADE:
             return self.calibrate(hold)
         self._validate()
         # Refitting starts from scratch (the weights may have changed); a failed fit leaves the model unfitted.
-        for attr in ("bank_", "k_", "weights_sha256_", "_backbone", "thresholds_"):
+        for attr in ("bank_", "k_", "image_k_", "weights_sha256_", "_backbone", "thresholds_"):
             self.__dict__.pop(attr, None)
         feats, names = self._extract(train, "fit")
         n = len(names)
@@ -193,6 +217,7 @@ class SPADE:
             )
         self.bank_ = FeatureBank(feats.global_, feats.levels, names)
         self.k_ = min(self.k, n)
+        self.image_k_ = min(self.image_k or self.k, n)
         self.weights_sha256_ = self._get_backbone().weights_sha256
         self.thresholds_: Thresholds | None = None
         return self
@@ -244,17 +269,29 @@ class SPADE:
                 stop = min(start + chunk, n)
                 feats = extract_features(
                     self._get_backbone(), items[start:stop], names[start:stop], self._prep,
-                    tuple(self.levels), self.batch_size, progress=False,
+                    tuple(self.levels), self.batch_size, progress=False, patch_size=self.patch_size,
                 )
-                dist2, nb = knn_images(feats.global_, self.bank_.global_, self.k_)
-                # Paper: image score = mean squared Euclidean distance to the K nearest normal images.
-                scores[start:stop] = dist2.mean(dim=1).numpy()
+                knn_score, nb = self._knn(feats.global_)
                 neighbors[start:stop] = nb.numpy()
                 for j in range(stop - start):
                     maps[start + j] = self._anomaly_map(feats, j, nb[j])
                     bar.update(1)
+                scores[start:stop] = self._image_score(knn_score, maps[start:stop])
         flagged = None if self.thresholds_ is None else scores >= self.thresholds_.image
         return Prediction(scores, maps, neighbors, names, flagged)
+
+    def _knn(self, global_: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """(kNN image score over the ``image_k_`` nearest, the ``k_`` nearest training indices)."""
+        dist2, nb = knn_images(global_, self.bank_.global_, max(self.k_, self.image_k_))
+        # Paper: image score = mean squared Euclidean distance to the K nearest normal images.
+        return dist2[:, : self.image_k_].mean(dim=1).numpy(), nb[:, : self.k_]
+
+    def _image_score(self, knn_score: np.ndarray, maps: np.ndarray) -> np.ndarray:
+        """The configured image score from the kNN score and the (smoothed) anomaly maps."""
+        if self.image_score == "knn":
+            return knn_score
+        map_max = maps.reshape(len(maps), -1).max(axis=1).astype(np.float64)
+        return map_max if self.image_score == "map_max" else np.sqrt(knn_score) * map_max
 
     def _level_maps(
         self, test_levels: list[torch.Tensor], neighbors: torch.Tensor, with_source: bool = False
@@ -305,7 +342,9 @@ class SPADE:
         self._check_fitted()
         self._validate()
         feats, names = self._extract(images, "explain")
-        dist2, nb = knn_images(feats.global_, self.bank_.global_, self.k_)
+        dist2, nb = knn_images(feats.global_, self.bank_.global_, max(self.k_, self.image_k_))
+        knn_score = dist2[:, : self.image_k_].mean(dim=1)
+        dist2, nb = dist2[:, : self.k_], nb[:, : self.k_]
         finest = int(np.argmin(self.levels))  # smallest level number = smallest stride
         out = []
         for i, name in enumerate(names):
@@ -317,7 +356,7 @@ class SPADE:
             out.append(
                 Explanation(
                     name=name,
-                    image_score=float(dist2[i].mean()),
+                    knn_score=float(knn_score[i]),
                     neighbors=nb[i].numpy().astype(np.int64),
                     neighbor_sq_distances=dist2[i].numpy(),
                     level=int(self.levels[finest]),
@@ -345,6 +384,9 @@ class SPADE:
             "kappa": int(self.kappa),
             "levels": [int(x) for x in self.levels],
             "sigma": float(self.sigma),
+            "image_score": self.image_score,
+            "image_k": None if self.image_k is None else int(self.image_k),
+            "patch_size": int(self.patch_size),
             "preprocessing": {
                 "image_size": int(self.image_size),
                 "crop_size": int(self.crop_size),
@@ -384,6 +426,10 @@ class SPADE:
                 weights=weights if weights is not None else cfg["weights"],
                 progress=progress,
                 max_pixels=prep.get("max_pixels", DEFAULT_MAX_PIXELS),
+                # Options added after format 1 was first written default to the paper's behaviour.
+                image_score=cfg.get("image_score", "knn"),
+                image_k=cfg.get("image_k"),
+                patch_size=cfg.get("patch_size", 1),
             )
             expected_sha = cfg["weights_sha256"]
         except (KeyError, TypeError) as exc:
@@ -398,6 +444,7 @@ class SPADE:
             raise ModelFileError(f"{path}: feature sizes do not match backbone {model.backbone}")
         model.bank_ = bank
         model.k_ = min(model.k, len(bank))
+        model.image_k_ = min(model.image_k or model.k, len(bank))
         model.weights_sha256_ = expected_sha
         model._backbone = None
         th = cfg.get("thresholds")
