@@ -95,3 +95,34 @@ def test_bad_options_are_refused(image_dirs, kwargs, message):
     train, _ = image_dirs
     with pytest.raises(SpadeError, match=message):
         SPADE(**SMALL, **kwargs).fit(train)
+
+
+def test_presets_and_overrides():
+    from spade_ad.presets import PRESETS
+
+    assert PRESETS["paper"] == {}
+    m = SPADE.from_preset("accurate")
+    for key, value in PRESETS["accurate"].items():
+        assert getattr(m, key) == value
+    assert SPADE.from_preset("accurate", k=7).k == 7
+    p = SPADE.from_preset("paper")
+    assert (p.k, tuple(p.levels), p.image_score, p.patch_size) == (50, (1, 2, 3), "knn", 1)
+    with pytest.raises(SpadeError, match="unknown preset"):
+        SPADE.from_preset("fastest")
+
+
+def test_cli_preset_with_an_explicit_override(image_dirs, tmp_path):
+    from click.testing import CliRunner
+
+    from spade_ad.cli import main
+    from spade_ad.presets import PRESETS
+
+    train, _ = image_dirs
+    out = tmp_path / "m.safetensors"
+    r = CliRunner().invoke(main, ["fit", str(train), "--out", str(out), "--preset", "accurate", "--image-size", "48",
+                                  "--crop-size", "48", "--k", "2", "--patch-size", "5"])
+    assert r.exit_code == 0, r.output
+    m = SPADE.load(out)
+    assert m.patch_size == 5  # given explicitly: overrides the preset's 3
+    assert tuple(m.levels) == tuple(PRESETS["accurate"]["levels"]) and m.image_score == "knn*map_max"
+    assert m.k == 2

@@ -28,6 +28,7 @@ from .evaluate import evaluate_dataset, find_categories, load_masks, summarise
 from .model import IMAGE_SCORES, SPADE, Explanation
 from .thresholds import f1_thresholds
 from .bank import atomic_write
+from .presets import PRESETS
 from .output import check_can_write, staged_dir, unique_stems, write_csv, write_json
 from .viz import heatmap_overlay, rebuild_from_matches
 
@@ -45,6 +46,8 @@ def _parse_levels(ctx: click.Context, param: click.Parameter, value: str) -> tup
 def model_options(f: Callable) -> Callable:
     """The hyper-parameters shared by ``fit`` and ``evaluate`` (paper defaults)."""
     opts = [
+        click.option("--preset", type=click.Choice(list(PRESETS)), default="paper", show_default=True,
+                     help="Named settings (see README); options given explicitly override it."),
         click.option("--backbone", type=click.Choice(available_backbones()), default="efficientnet_lite0",
                      show_default=True, help="Feature extractor (efficientnet_lite0 is embedded)."),
         click.option("--weights", default=None,
@@ -86,13 +89,19 @@ def threshold_options(f: Callable) -> Callable:
     return f
 
 
+_MODEL_KEYS = ("backbone", "weights", "k", "kappa", "levels", "sigma", "image_size", "crop_size", "batch_size",
+               "image_score", "image_k", "patch_size")
+
+
 def _make_model(opts: dict[str, Any], progress: bool = True) -> SPADE:
-    return SPADE(
-        backbone=opts["backbone"], k=opts["k"], kappa=opts["kappa"], levels=opts["levels"],
-        sigma=opts["sigma"], image_size=opts["image_size"], crop_size=opts["crop_size"],
-        weights=opts["weights"], batch_size=opts["batch_size"], progress=progress,
-        image_score=opts["image_score"], image_k=opts["image_k"], patch_size=opts["patch_size"],
-    )
+    """The model the options describe: the --preset's settings, overridden by options given explicitly."""
+    params = dict(PRESETS[opts["preset"]])
+    ctx = click.get_current_context(silent=True)
+    for key in _MODEL_KEYS:
+        given = ctx is None or ctx.get_parameter_source(key) is not click.core.ParameterSource.DEFAULT
+        if key not in params or given:
+            params[key] = opts[key]
+    return SPADE(**params, progress=progress)
 
 
 def _handle_errors(f: Callable) -> Callable:

@@ -136,6 +136,15 @@ class SPADE:
         self.image_k = image_k
         self.patch_size = patch_size
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> SPADE:
+        """A model with the named preset's settings (see :mod:`spade_ad.presets`), plus ``overrides``."""
+        from .presets import PRESETS
+
+        if name not in PRESETS:
+            raise SpadeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
     # ----------------------------------------------------------------------------------------
     # validation and shared pieces
     # ----------------------------------------------------------------------------------------
