@@ -1,8 +1,11 @@
 """Exact nearest-neighbour search: the image-level top-K and the per-pixel nearest gallery feature.
 
-Both are exact. The pixel search never builds the full (queries x gallery) distance matrix: it walks
-queries and gallery in tiles, computes squared distances as |q|^2 + |g|^2 - 2 q.g with one GEMM (``addmm``)
-per tile and keeps a running minimum. That is the hot loop of SPADE and it lives only here.
+Both are exact searches (no approximation). The pixel search never builds the full (queries x
+gallery) distance matrix: it walks queries and gallery in tiles, computes |g|^2 - 2 q.g with one GEMM
+(``addmm``) per tile and keeps a running minimum; the winning distance is then recomputed in float64
+inside the winning tile. Only between neighbours tied to within float32 rounding can the choice
+differ from a float64 brute force, and then the distance differs by that rounding. That is the hot
+loop of SPADE and it lives only here.
 """
 
 from __future__ import annotations
