@@ -22,11 +22,10 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .backbones import available_backbones
-from .data import Dataset, expand_inputs, load_folders, load_labelled, load_mvtec, load_preprocessed
+from .data import expand_inputs, load_folders, load_labelled, load_mvtec, load_preprocessed
 from .errors import SpadeError
-from .evaluate import evaluate_dataset, find_categories, load_masks, summarise
+from .evaluate import evaluate_dataset, find_categories, set_thresholds_from_validation, summarise
 from .model import IMAGE_SCORES, SPADE, Explanation
-from .thresholds import f1_thresholds
 from .bank import atomic_write
 from .presets import PRESETS
 from .output import check_can_write, staged_dir, unique_stems, write_csv, write_json
@@ -155,7 +154,7 @@ def fit(data: Path, out: Path, overwrite: bool, calibrate: float | None, thresho
     t0 = time.perf_counter()
     model = _make_model(opts).fit(train_dir, calibrate=calibrate)
     if validation is not None:
-        _thresholds_from_validation(model, validation)
+        set_thresholds_from_validation(model, validation)
     model.save(out)
     click.echo(f"fitted on {len(model.train_paths_)} images from {train_dir} in {time.perf_counter() - t0:.1f} s; "
                f"model written to {out}")
@@ -163,13 +162,6 @@ def fit(data: Path, out: Path, overwrite: bool, calibrate: float | None, thresho
         th = model.thresholds_
         pixel = "none" if th.pixel is None else f"{th.pixel:.6g}"
         click.echo(f"thresholds: image {th.image:.6g}, pixel {pixel} ({th.source})")
-
-
-def _thresholds_from_validation(model: SPADE, validation: Dataset) -> None:
-    pred = model.predict([t.path for t in validation.test])
-    masks = load_masks(validation, model.image_size, model.crop_size)
-    labels = np.array([t.label for t in validation.test])
-    model.set_thresholds(f1_thresholds(labels, pred.image_scores, masks, pred.anomaly_maps))
 
 
 @main.command()

@@ -74,6 +74,14 @@ def load_masks(ds: Dataset, image_size: int, crop_size: int) -> np.ndarray | Non
     return masks
 
 
+def set_thresholds_from_validation(model: SPADE, validation: Dataset) -> None:
+    """Give a fitted model the F1-optimal thresholds on a labelled validation set (its ``test`` part)."""
+    pred = model.predict([t.path for t in validation.test])
+    masks = load_masks(validation, model.image_size, model.crop_size)
+    labels = np.array([t.label for t in validation.test])
+    model.set_thresholds(f1_thresholds(labels, pred.image_scores, masks, pred.anomaly_maps))
+
+
 def evaluate_dataset(
     ds: Dataset,
     make_model: Callable[[], SPADE],
@@ -94,10 +102,7 @@ def evaluate_dataset(
     t0 = time.perf_counter()
     model.fit(ds.train, calibrate=calibrate)
     if validation is not None:
-        vpred = model.predict([t.path for t in validation.test])
-        vmasks = load_masks(validation, model.image_size, model.crop_size)
-        vlabels = np.array([t.label for t in validation.test])
-        model.set_thresholds(f1_thresholds(vlabels, vpred.image_scores, vmasks, vpred.anomaly_maps))
+        set_thresholds_from_validation(model, validation)
     t1 = time.perf_counter()
     pred = model.predict([t.path for t in ds.test])
     t2 = time.perf_counter()
