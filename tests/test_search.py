@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from spade_ad.search import knn_images, nearest_distances
+from spade_ad.search import Tiles, knn_images, nearest_distances
 
 
 def brute_min(q: np.ndarray, g: np.ndarray, kappa: int = 1) -> np.ndarray:
@@ -31,7 +31,7 @@ def test_nearest_matches_brute_force(m, n, c, tile_q, tile_g):
     rng = np.random.default_rng(m * 1000 + n)
     q = rng.normal(size=(m, c)).astype(np.float32) * 3 + 5  # offset: large norms, as real ReLU features
     g = rng.normal(size=(n, c)).astype(np.float32) * 3 + 5
-    got = nearest_distances(torch.from_numpy(q), torch.from_numpy(g), kappa=1, tile_q=tile_q, tile_g=tile_g)
+    got = nearest_distances(torch.from_numpy(q), torch.from_numpy(g), kappa=1, tiles=Tiles(tile_q, tile_g))
     want = brute_min(q, g)
     assert got.dtype == torch.float32 and got.shape == (m,)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
@@ -41,7 +41,7 @@ def test_kappa_mean_of_nearest():
     rng = np.random.default_rng(3)
     q = rng.normal(size=(20, 5)).astype(np.float32)
     g = rng.normal(size=(77, 5)).astype(np.float32)
-    got = nearest_distances(torch.from_numpy(q), torch.from_numpy(g), kappa=3, tile_q=8, tile_g=10)
+    got = nearest_distances(torch.from_numpy(q), torch.from_numpy(g), kappa=3, tiles=Tiles(8, 10))
     np.testing.assert_allclose(got.numpy(), brute_min(q, g, kappa=3), rtol=1e-4)
 
 
@@ -50,7 +50,7 @@ def test_exact_zero_and_ties():
     # query equidistant from two rows gets that common distance.
     g = torch.tensor([[0.0, 0.0], [2.0, 0.0], [10.0, 10.0]])
     q = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 10.0]])
-    got = nearest_distances(q, g, tile_q=2, tile_g=2)
+    got = nearest_distances(q, g, tiles=Tiles(2, 2))
     assert got.tolist() == [0.0, 1.0, 0.0]
 
 
@@ -59,7 +59,7 @@ def test_near_duplicates_keep_relative_precision():
     rng = np.random.default_rng(7)
     g = (rng.uniform(size=(3000, 24)) * 6).astype(np.float32)
     q = g[:50] + rng.normal(scale=1e-2, size=(50, 24)).astype(np.float32)
-    got = nearest_distances(torch.from_numpy(q), torch.from_numpy(g), tile_q=16, tile_g=512)
+    got = nearest_distances(torch.from_numpy(q), torch.from_numpy(g), tiles=Tiles(16, 512))
     np.testing.assert_allclose(got.numpy(), brute_min(q, g), rtol=1e-5)
 
 

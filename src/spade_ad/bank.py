@@ -4,6 +4,11 @@ A model file is one safetensors file: the bank's tensors, plus in the safetensor
 configuration (backbone, weights hash, preprocessing, hyper-parameters, package version, training
 file list) and a sha256 of the tensors. Writing is atomic (temp file + rename); reading checks the
 format, the version and the checksum so a truncated or edited file is refused with a clear message.
+
+The per-level pixel features are most of a bank (~0.5 MB per image with the embedded backbone in
+float32). Loaded with ``mmap=True`` they stay in the file: each :class:`MappedLevel` read maps the
+file, copies out only the requested images' rows and unmaps it again, so resident memory holds the K
+neighbours' maps of the image being scored, never the whole training set.
 """
 
 from __future__ import annotations
@@ -21,46 +26,130 @@ import torch
 from .errors import ModelFileError
 
 FORMAT_NAME = "spade-ad-model"
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 #: Bump when the file layout changes incompatibly; loading refuses newer versions.
 FORMAT_VERSION = 1
+
+
+#: Rows read per mapping while hashing a memory-mapped level (bounds resident memory while verifying).
+_HASH_CHUNK_BYTES = 64 << 20
+
+
+class MappedLevel:
+    """One pyramid level of a bank that stays in its model file: (N, h, w, C) rows read on demand.
+
+    Indexing with image indices returns a float32 tensor (K, h, w, C), as indexing the in-memory
+    tensor would. The file is re-opened for each read (so nothing stays mapped) and its identity
+    (inode, size, mtime) is checked first: a model file replaced while in use is refused rather than
+    silently read.
+    """
+
+    def __init__(self, path: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype, stamp: tuple) -> None:
+        self.path, self.name, self.shape, self.dtype, self._stamp = path, name, torch.Size(shape), dtype, stamp
+
+    def _open(self) -> Any:
+        from safetensors import safe_open
+
+        if _file_stamp(self.path) != self._stamp:
+            raise ModelFileError(f"{self.path}: the model file changed on disk after it was loaded; load it again")
+        return safe_open(str(self.path), framework="pt")
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` in the stored dtype."""
+        with self._open() as f:
+            return f.get_slice(self.name)[start:stop]
+
+    def __getitem__(self, index: torch.Tensor | list[int]) -> torch.Tensor:
+        idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        out = torch.empty((len(idx), *self.shape[1:]), dtype=torch.float32)
+        with self._open() as f:
+            sl = f.get_slice(self.name)
+            # Sorted runs of consecutive indices are read as one slice each.
+            order = torch.argsort(idx)
+            srt = idx[order].tolist()
+            pos = 0
+            while pos < len(srt):
+                end = pos + 1
+                while end < len(srt) and srt[end] in (srt[end - 1], srt[end - 1] + 1):
+                    end += 1
+                block = sl[srt[pos] : srt[end - 1] + 1].to(torch.float32)
+                out[order[pos:end]] = block[torch.tensor(srt[pos:end]) - srt[pos]]
+                pos = end
+        return out
+
+    def materialize(self) -> torch.Tensor:
+        """The whole level in memory (stored dtype)."""
+        return self.rows(0, self.shape[0])
+
+
+def _file_stamp(path: Path) -> tuple:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+Level = torch.Tensor | MappedLevel
 
 
 @dataclass
 class FeatureBank:
     """Features of the training (normal) images.
 
-    ``global_``: (N, D) float32; ``levels``: per pyramid level (N, h, w, C) float32;
-    ``paths``: the N training image names, in bank order (neighbour indices refer to it).
+    ``global_``: (N, D) float32; ``levels``: per pyramid level (N, h, w, C), float32 or float16
+    (``bank_dtype``), in memory or a :class:`MappedLevel`; ``paths``: the N training image names, in
+    bank order (neighbour indices refer to it).
     """
 
     global_: torch.Tensor
-    levels: list[torch.Tensor]
+    levels: list[Level]
     paths: list[str]
 
     def __len__(self) -> int:
         return int(self.global_.shape[0])
 
+    def gallery(self, level: int, neighbors: torch.Tensor) -> torch.Tensor:
+        """The pixel features of the images ``neighbors`` at one level, float32 (K, h, w, C)."""
+        return self.levels[level][neighbors].to(torch.float32)
+
+    @property
+    def mapped(self) -> bool:
+        return any(isinstance(lv, MappedLevel) for lv in self.levels)
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Named tensors as stored in the model file."""
+        """Named tensors as stored in the model file (mapped levels are read in)."""
         out = {"global": self.global_}
         for i, lv in enumerate(self.levels):
-            out[f"level{i}"] = lv
+            out[f"level{i}"] = lv.materialize() if isinstance(lv, MappedLevel) else lv
         return out
 
 
-def content_sha256(tensors: dict[str, torch.Tensor], *texts: str) -> str:
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.contiguous()
+    # numpy has no bfloat16; hash the raw bytes through a same-size integer view.
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    return t.numpy().data
+
+
+def content_sha256(tensors: dict[str, Level], *texts: str) -> str:
     """sha256 over the header texts, then names, shapes, dtypes and bytes of the tensors in name order.
 
     Covering the JSON texts too means an edited configuration is caught, not only edited features.
+    Mapped levels are hashed in chunks of rows, each read through its own short-lived mapping.
     """
     h = hashlib.sha256()
     for text in texts:
         h.update(text.encode())
         h.update(b"\0")
     for name in sorted(tensors):
-        t = tensors[name].contiguous()
+        t = tensors[name]
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.numpy().data)
+        if isinstance(t, MappedLevel):
+            row_bytes = max(1, t.shape[1:].numel() * t.dtype.itemsize)
+            step = max(1, _HASH_CHUNK_BYTES // row_bytes)
+            for start in range(0, t.shape[0], step):
+                h.update(_tensor_bytes(t.rows(start, min(start + step, t.shape[0]))))
+        else:
+            h.update(_tensor_bytes(t))
     return h.hexdigest()
 
 
@@ -111,8 +200,12 @@ def save_model_file(path: str | os.PathLike, bank: FeatureBank, config: dict[str
     return p
 
 
-def load_model_file(path: str | os.PathLike) -> tuple[FeatureBank, dict[str, Any]]:
-    """Read and verify a model file -> (bank, config). Raises :class:`ModelFileError`."""
+def load_model_file(path: str | os.PathLike, mmap: bool = False) -> tuple[FeatureBank, dict[str, Any]]:
+    """Read and verify a model file -> (bank, config). Raises :class:`ModelFileError`.
+
+    ``mmap``: leave the per-level pixel features in the file (:class:`MappedLevel`); only the global
+    features are read into memory. The checksum is verified either way.
+    """
     from safetensors import SafetensorError, safe_open
 
     p = Path(path)
@@ -132,7 +225,17 @@ def load_model_file(path: str | os.PathLike) -> tuple[FeatureBank, dict[str, Any
                     f"{p}: written in model format {version} by a newer spade-ad; this version reads "
                     f"format {FORMAT_VERSION} and older. Upgrade spade-ad to load it"
                 )
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            stamp = _file_stamp(p)
+            tensors: dict[str, Level] = {}
+            for k in f.keys():
+                if mmap and k.startswith("level"):
+                    sl = f.get_slice(k)
+                    dtype = _DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise ModelFileError(f"{p}: tensor {k} has unsupported dtype {sl.get_dtype()}")
+                    tensors[k] = MappedLevel(p, k, tuple(sl.get_shape()), dtype, stamp)
+                else:
+                    tensors[k] = f.get_tensor(k)
     except SafetensorError as exc:
         raise ModelFileError(f"{p}: truncated or not a safetensors file ({exc})") from None
     except (OSError, ValueError, RuntimeError) as exc:

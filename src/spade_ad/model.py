@@ -24,7 +24,7 @@ from .data import DEFAULT_MAX_PIXELS, as_image_list, load_preprocessed
 from .errors import ModelFileError, NotFittedError, SpadeError, WeightsError
 from .features import Features, Preprocessing, extract_features
 from .maps import combine_levels, smooth
-from .search import knn_images, nearest_distances, nearest_neighbors
+from .search import PRECISIONS, knn_images, nearest_distances, nearest_neighbors, window_distances
 from .thresholds import (
     DEFAULT_IMAGE_QUANTILE,
     DEFAULT_PIXEL_QUANTILE,
@@ -35,6 +35,7 @@ from .thresholds import (
 
 
 IMAGE_SCORES = ("knn", "map_max", "knn*map_max")
+BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class SpadeWarning(UserWarning):
@@ -55,6 +56,9 @@ class Prediction:
     neighbors: np.ndarray
     names: list[str]
     is_anomalous: np.ndarray | None = None  # image_scores >= the model's image threshold, if it has one
+    #: (N,) bool: whether the pixel stage ran. With ``segment_above``, images at or below it are not
+    #: segmented and their ``anomaly_maps`` rows are NaN.
+    segmented: np.ndarray | None = None
 
 
 @dataclass
@@ -102,6 +106,12 @@ class SPADE:
         pixel gallery always uses ``k``.
     patch_size: average pixel features over patch_size x patch_size neighbourhoods before matching
         (odd; 1 = the paper's plain features).
+    precision: ``"fp32"`` (exact search, the default) or ``"bf16"`` (opt-in: bfloat16 products pick
+        each pixel's nearest gallery tile, the distance is then recomputed exactly; faster on wide features).
+    window: None (the paper: every gallery position) or R, match each pixel only against gallery
+        features within +-R positions of its own (opt-in; for aligned objects; kappa must be 1).
+    bank_dtype: ``"float32"`` or ``"float16"`` (opt-in: pixel features stored at half size; distances
+        are still computed in float32).
     """
 
     def __init__(
@@ -120,6 +130,9 @@ class SPADE:
         image_score: str = "knn",
         image_k: int | None = None,
         patch_size: int = 1,
+        precision: str = "fp32",
+        window: int | None = None,
+        bank_dtype: str = "float32",
     ) -> None:
         self.backbone = backbone
         self.k = k
@@ -135,6 +148,9 @@ class SPADE:
         self.image_score = image_score
         self.image_k = image_k
         self.patch_size = patch_size
+        self.precision = precision
+        self.window = window
+        self.bank_dtype = bank_dtype
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> SPADE:
@@ -167,6 +183,15 @@ class SPADE:
             raise SpadeError(f"patch_size must be an odd positive integer, got {self.patch_size!r}")
         if self.crop_size > self.image_size:
             raise SpadeError(f"crop_size {self.crop_size} is larger than image_size {self.image_size}")
+        if self.precision not in PRECISIONS:
+            raise SpadeError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.window is not None:
+            if not isinstance(self.window, (int, np.integer)) or isinstance(self.window, bool) or self.window < 0:
+                raise SpadeError(f"window must be None or an integer radius >= 0, got {self.window!r}")
+            if self.kappa != 1:
+                raise SpadeError("window search finds one nearest feature per pixel: it needs kappa=1")
+        if self.bank_dtype not in BANK_DTYPES:
+            raise SpadeError(f"bank_dtype must be one of {', '.join(BANK_DTYPES)}, got {self.bank_dtype!r}")
 
     @property
     def _prep(self) -> Preprocessing:
@@ -224,7 +249,8 @@ class SPADE:
                 SpadeWarning,
                 stacklevel=2,
             )
-        self.bank_ = FeatureBank(feats.global_, feats.levels, names)
+        dtype = BANK_DTYPES[self.bank_dtype]
+        self.bank_ = FeatureBank(feats.global_, [lv.to(dtype) for lv in feats.levels], names)
         self.k_ = min(self.k, n)
         self.image_k_ = min(self.image_k or self.k, n)
         self.weights_sha256_ = self._get_backbone().weights_sha256
@@ -260,18 +286,27 @@ class SPADE:
         feats, _ = self._extract(images, "extract")
         return feats.global_, [lv.permute(0, 3, 1, 2) for lv in feats.levels]
 
-    def predict(self, images: Any) -> Prediction:
+    def predict(self, images: Any, segment_above: float | None = None) -> Prediction:
         """Image scores, anomaly maps (N, crop, crop) and neighbour indices for ``images``.
 
-        Images are processed in chunks, so memory holds the maps but not every image's features.
+        ``segment_above``: the paper's deployment mode -- run the pixel stage only for images whose
+        kNN image score exceeds this value (needs ``image_score="knn"``); the others get NaN maps and
+        ``segmented=False``. Images are processed in chunks, so memory holds the maps but not every
+        image's features.
         """
         self._check_fitted()
         self._validate()
+        if segment_above is not None and self.image_score != "knn":
+            raise SpadeError(
+                f"segment_above needs image_score='knn' (the score must be known before the pixel stage); "
+                f"this model uses {self.image_score!r}"
+            )
         items, names = as_image_list(images)
         n = len(names)
         scores = np.empty(n, dtype=np.float64)
         neighbors = np.empty((n, self.k_), dtype=np.int64)
         maps = np.empty((n, self.crop_size, self.crop_size), dtype=np.float32)
+        segmented = np.ones(n, dtype=bool)
         chunk = max(self.batch_size, 64)
         with tqdm(total=n, desc="predict", unit="img", disable=not self.progress, leave=False) as bar:
             for start in range(0, n, chunk):
@@ -283,11 +318,15 @@ class SPADE:
                 knn_score, nb = self._knn(feats.global_)
                 neighbors[start:stop] = nb.numpy()
                 for j in range(stop - start):
-                    maps[start + j] = self._anomaly_map(feats, j, nb[j])
+                    if segment_above is not None and not knn_score[j] > segment_above:
+                        segmented[start + j] = False
+                        maps[start + j] = np.nan
+                    else:
+                        maps[start + j] = self._anomaly_map(feats, j, nb[j])
                     bar.update(1)
                 scores[start:stop] = self._image_score(knn_score, maps[start:stop])
         flagged = None if self.thresholds_ is None else scores >= self.thresholds_.image
-        return Prediction(scores, maps, neighbors, names, flagged)
+        return Prediction(scores, maps, neighbors, names, flagged, segmented)
 
     def _knn(self, global_: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """(kNN image score over the ``image_k_`` nearest, the ``k_`` nearest training indices)."""
@@ -303,25 +342,32 @@ class SPADE:
         return map_max if self.image_score == "map_max" else np.sqrt(knn_score) * map_max
 
     def _level_maps(
-        self, test_levels: list[torch.Tensor], neighbors: torch.Tensor, with_source: bool = False
+        self,
+        test_levels: list[torch.Tensor],
+        neighbors: torch.Tensor,
+        with_source: bool = False,
+        level_index: list[int] | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per level, each test pixel's distance to its nearest gallery feature, (h, w) each.
 
         ``test_levels``: one (h, w, C) tensor per level for one image; ``neighbors``: its K nearest
         training images. The gallery is every pixel feature of those images at that level. With
         ``with_source`` (kappa = 1 only), also the flat gallery index of each match:
-        ``index = (neighbor rank * h + y) * w + x``.
+        ``index = (neighbor rank * h + y) * w + x``. ``level_index``: which of the bank's levels each
+        entry of ``test_levels`` is (default: all of them, in order).
         """
         maps, sources = [], []
-        for test_lv, bank_lv in zip(test_levels, self.bank_.levels):
+        for i, test_lv in enumerate(test_levels):
             h, w, c = test_lv.shape
-            gallery = bank_lv[neighbors].reshape(-1, c)
-            queries = test_lv.reshape(-1, c)
-            if with_source:
-                d, idx = nearest_neighbors(queries, gallery)
-                sources.append(idx.reshape(h, w))
+            gallery = self.bank_.gallery(level_index[i] if level_index else i, neighbors)
+            if self.window is not None:
+                d, idx = window_distances(test_lv, gallery, self.window)
+            elif with_source or self.kappa == 1:
+                d, idx = nearest_neighbors(test_lv.reshape(-1, c), gallery.reshape(-1, c), self.precision)
             else:
-                d = nearest_distances(queries, gallery, kappa=self.kappa)
+                d = nearest_distances(test_lv.reshape(-1, c), gallery.reshape(-1, c), self.kappa, self.precision)
+            if with_source:
+                sources.append(idx.reshape(h, w))
             maps.append(d.reshape(h, w))
         return maps, sources
 
@@ -358,7 +404,7 @@ class SPADE:
         out = []
         for i, name in enumerate(names):
             test_lv = feats.levels[finest][i]
-            maps, sources = self._level_maps([test_lv], nb[i], with_source=True)
+            maps, sources = self._level_maps([test_lv], nb[i], with_source=True, level_index=[finest])
             h, w, _ = test_lv.shape
             flat = sources[0]
             rank, rest = flat // (h * w), flat % (h * w)
@@ -396,6 +442,9 @@ class SPADE:
             "image_score": self.image_score,
             "image_k": None if self.image_k is None else int(self.image_k),
             "patch_size": int(self.patch_size),
+            "precision": self.precision,
+            "window": None if self.window is None else int(self.window),
+            "bank_dtype": self.bank_dtype,
             "preprocessing": {
                 "image_size": int(self.image_size),
                 "crop_size": int(self.crop_size),
@@ -416,12 +465,20 @@ class SPADE:
         return save_model_file(path, self.bank_, self.get_config())
 
     @classmethod
-    def load(cls, path: str | os.PathLike, weights: str | os.PathLike | None = None, progress: bool = False) -> SPADE:
+    def load(
+        cls,
+        path: str | os.PathLike,
+        weights: str | os.PathLike | None = None,
+        progress: bool = False,
+        mmap: bool = False,
+    ) -> SPADE:
         """Rebuild a model saved with :meth:`save`; the backbone weights must hash as when fitted.
 
         ``weights`` overrides where the backbone weights are read from (e.g. on another machine).
+        ``mmap``: keep the pixel features in the file and read only each test image's K neighbours'
+        maps (memory no longer grows with the training set; same results).
         """
-        bank, cfg = load_model_file(path)
+        bank, cfg = load_model_file(path, mmap=mmap)
         try:
             prep = cfg["preprocessing"]
             model = cls(
@@ -439,6 +496,9 @@ class SPADE:
                 image_score=cfg.get("image_score", "knn"),
                 image_k=cfg.get("image_k"),
                 patch_size=cfg.get("patch_size", 1),
+                precision=cfg.get("precision", "fp32"),
+                window=cfg.get("window"),
+                bank_dtype=cfg.get("bank_dtype", "float32"),
             )
             expected_sha = cfg["weights_sha256"]
         except (KeyError, TypeError) as exc:
@@ -451,6 +511,8 @@ class SPADE:
         chans = tuple(info.channels[lv - 1] for lv in model.levels)
         if bank.global_.shape[1] != info.global_dim or tuple(lv.shape[-1] for lv in bank.levels) != chans:
             raise ModelFileError(f"{path}: feature sizes do not match backbone {model.backbone}")
+        if any(lv.dtype != BANK_DTYPES[model.bank_dtype] for lv in bank.levels):
+            raise ModelFileError(f"{path}: pixel features are not stored as {model.bank_dtype} as its configuration says")
         model.bank_ = bank
         model.k_ = min(model.k, len(bank))
         model.image_k_ = min(model.image_k or model.k, len(bank))

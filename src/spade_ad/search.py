@@ -1,88 +1,152 @@
 """Exact nearest-neighbour search: the image-level top-K and the per-pixel nearest gallery feature.
 
-Both are exact searches (no approximation). The pixel search never builds the full (queries x
-gallery) distance matrix: it walks queries and gallery in tiles, computes |g|^2 - 2 q.g with one GEMM
-(``addmm``) per tile and keeps a running minimum; the winning distance is then recomputed in float64
-inside the winning tile. Only between neighbours tied to within float32 rounding can the choice
-differ from a float64 brute force, and then the distance differs by that rounding. That is the hot
-loop of SPADE and it lives only here.
+The pixel search is SPADE's hot loop and it lives only here. It never builds the full
+(queries x gallery) distance matrix: queries and gallery are walked in tiles that stay in cache, each
+tile's squared distances come out of **one** matrix product of augmented matrices
+
+    [q, |q|^2, 1] @ [-2g, 1, |g|^2]^T = |q|^2 + |g|^2 - 2 q.g = |q - g|^2
+
+(no separate pass to add the norms), and only a running minimum is kept. Because the products are
+squared distances (non-negative but for rounding), the minimum is taken on the bits read as integers,
+which orders non-negative IEEE floats exactly as their values and is ~1.5x (float32) to ~6x (bfloat16)
+cheaper than a floating-point ``amin`` on this kind of CPU. The tile that won is remembered and the
+distance is recomputed in float64 inside it, so the reported value is exact for the chosen neighbour.
+Only between neighbours tied to within float32 rounding (bfloat16 rounding with ``precision="bf16"``)
+can the choice differ from a float64 brute force, and then the distance differs by that rounding.
+
+Options that change the answer are opt-in: ``precision="bf16"`` (bfloat16 products, ~2.3x faster on
+wide features) and :func:`window_distances` (match only within +-R positions, as PatchMatch does).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-#: Tile sizes of the pixel search: a 1024 x 1024 float32 block (4 MB) stays in cache and is large
-#: enough for GEMM efficiency; measured ~2.5x faster than 3136 x 4096 blocks on a 2-core machine.
-DEFAULT_TILE_Q = 1024
-DEFAULT_TILE_G = 1024
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tile shape of the pixel search: queries x gallery rows per matrix product."""
+
+    q: int
+    g: int
+
+
+def tiles_for(dim: int, precision: str = "fp32") -> Tiles:
+    """Tile sizes tuned per feature dimension (measured on a 2-core AVX-512 machine, see
+    ``benchmarks/bench_pixel_search.py``).
+
+    Narrow features (the embedded backbone's 24-112 channels) are bound by writing and reducing the
+    product, so a 1024 x 512 float32 block (2 MB, in L2) is best; wide ones (WRN50's 256-1024) are
+    bound by the product itself and prefer 1024 x 1024.
+    """
+    if dim >= 128 or precision == "bf16":
+        return Tiles(1024, 1024)
+    return Tiles(1024, 512)
 
 
 def knn_images(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K nearest bank rows of each query: (squared Euclidean distances (M, k), indices (M, k)).
+    """K nearest bank rows of each query: (squared Euclidean distances (M, k) float64, indices (M, k)).
 
-    Computed in float64 so that the image score (their mean) does not suffer from the cancellation
-    of the |a|^2 + |b|^2 - 2ab expansion; the matrices are small (test x train images).
+    Candidates are found with one float32 GEMM (fast, and no float64 copy of a large bank is ever
+    made); the ``k + 16`` best candidates are then re-scored in float64 and re-sorted, so the returned
+    distances do not suffer from the cancellation of the |a|^2 + |b|^2 - 2ab expansion and the order
+    is the float64 order except where float32 rounding moved a neighbour by more than 16 places.
     """
-    q = queries.to(torch.float64)
-    b = bank.to(torch.float64)
-    d2 = (q * q).sum(1, keepdim=True) + (b * b).sum(1)[None, :] - 2.0 * (q @ b.T)
-    d2.clamp_(min=0.0)
-    k = min(k, b.shape[0])
-    vals, idx = torch.topk(d2, k, dim=1, largest=False, sorted=True)
-    return vals, idx
+    if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
+        raise ValueError(f"shapes {tuple(queries.shape)} and {tuple(bank.shape)} do not match")
+    k = min(k, bank.shape[0])
+    q = queries.to(torch.float32)
+    b = bank.to(torch.float32)
+    mu = b.mean(dim=0, keepdim=True) if b.shape[0] <= 4096 else b[:4096].mean(dim=0, keepdim=True)
+    qc, bc = q - mu, b - mu  # centring: distances unchanged, cancellation smaller
+    d2 = torch.addmm((bc * bc).sum(1)[None, :], qc, bc.T, beta=1.0, alpha=-2.0)
+    n_cand = min(k + 16, b.shape[0])
+    cand = torch.topk(d2, n_cand, dim=1, largest=False, sorted=False).indices
+    del d2
+    diff = q.to(torch.float64)[:, None, :] - b[cand].to(torch.float64)  # (M, n_cand, D) exact
+    exact = (diff * diff).sum(-1)
+    # Stable sort on (distance, index) so ties resolve to the lower bank index, as a brute force would.
+    cand_sorted, order = torch.sort(cand, dim=1)
+    exact = torch.gather(exact, 1, order)
+    vals, pos = torch.sort(exact, dim=1, stable=True)
+    idx = torch.gather(cand_sorted, 1, pos)
+    return vals[:, :k], idx[:, :k]
 
 
-def _tiled_smallest(
-    q: torch.Tensor, g: torch.Tensor, kappa: int, tile_q: int, tile_g: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smallest values of |g|^2 - 2 q.g over the gallery, tile by tile.
+def _centred(queries: torch.Tensor, gallery: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets shifted by the gallery mean: distances unchanged, norms (and cancellation) smaller."""
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"shapes {tuple(queries.shape)} and {tuple(gallery.shape)} do not match")
+    if gallery.shape[0] == 0 or queries.shape[0] == 0:
+        raise ValueError("empty queries or gallery")
+    g = gallery.to(torch.float32)
+    mu = g.mean(dim=0, keepdim=True)
+    return (queries.to(torch.float32) - mu).contiguous(), (g - mu).contiguous()
 
-    Returns ((M, kappa) values, (M,) start row of the gallery tile holding each query's best value).
-    Queries and gallery are both tiled so that each (tile_q x tile_g) block stays in cache; only
-    values are reduced (``amin`` is ~10x cheaper than ``min`` with indices on CPU), and the winning
-    tile is remembered so the exact distance can be recomputed afterwards.
+
+def _augment(q: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, C+2) and (C+2, G) matrices whose product is the squared distance matrix.
+
+    Wide features get their inner dimension padded with zeros to a multiple of 16, which keeps the
+    GEMM kernels on their fast path (the zeros change no value).
     """
-    g_sq = (g * g).sum(1)
-    out = torch.empty((q.shape[0], kappa), dtype=q.dtype)
-    out_tile = torch.zeros(q.shape[0], dtype=torch.long)
-    for i in range(0, q.shape[0], tile_q):
-        qi = q[i : i + tile_q]
-        best: torch.Tensor | None = None
+    c = q.shape[1]
+    width = c + 2 if c < 128 else -(-(c + 2) // 16) * 16
+    qa = torch.zeros((q.shape[0], width), dtype=torch.float32)
+    qa[:, :c] = q
+    qa[:, c] = (q * q).sum(1)
+    qa[:, c + 1] = 1.0
+    ga = torch.zeros((width, g.shape[0]), dtype=torch.float32)
+    ga[:c] = (-2.0 * g).T
+    ga[c] = 1.0
+    ga[c + 1] = (g * g).sum(1)
+    return qa.to(dtype), ga.to(dtype).contiguous()
+
+
+def _winning_tiles(qa: torch.Tensor, ga: torch.Tensor, tiles: Tiles) -> torch.Tensor:
+    """Start row of the gallery tile that holds each query's smallest product (running minimum)."""
+    int_view = torch.int16 if qa.dtype == torch.bfloat16 else torch.int32
+    n_q, n_g = qa.shape[0], ga.shape[1]
+    out_tile = torch.empty(n_q, dtype=torch.long)
+    buf = torch.empty((min(tiles.q, n_q), min(tiles.g, n_g)), dtype=qa.dtype)
+    for i in range(0, n_q, tiles.q):
+        qi = qa[i : i + tiles.q]
+        best = torch.full((qi.shape[0],), torch.iinfo(int_view).max, dtype=int_view)
         best_tile = torch.zeros(qi.shape[0], dtype=torch.long)
-        for j in range(0, g.shape[0], tile_g):
-            # |g|^2 - 2 q.g in one GEMM; |q|^2 is the same for every gallery row and is added later.
-            part = torch.addmm(g_sq[j : j + tile_g].unsqueeze(0), qi, g[j : j + tile_g].T, beta=1.0, alpha=-2.0)
-            if kappa == 1:
-                m = part.amin(dim=1, keepdim=True)
-                if best is None:
-                    best = m
-                else:
-                    better = m[:, 0] < best[:, 0]
-                    best_tile[better] = j
-                    best = torch.minimum(best, m)
-            else:
-                m = torch.topk(part, min(kappa, part.shape[1]), dim=1, largest=False, sorted=False).values
-                cat = m if best is None else torch.cat([best, m], dim=1)
-                best = torch.topk(cat, min(kappa, cat.shape[1]), dim=1, largest=False, sorted=False).values
-        assert best is not None
-        out[i : i + tile_q] = best
-        out_tile[i : i + tile_q] = best_tile
-    return out, out_tile
+        for j in range(0, n_g, tiles.g):
+            gj = ga[:, j : j + tiles.g]
+            part = buf[: qi.shape[0], : gj.shape[1]]
+            torch.mm(qi, gj, out=part)
+            # Non-negative floats order as their bit patterns do; a rounding-negative value (a distance
+            # of ~0) reads as a very negative integer and so also wins, which is the right answer.
+            m = part.view(int_view).amin(dim=1)
+            better = m < best
+            best_tile = torch.where(better, j, best_tile)
+            best = torch.where(better, m, best)
+        out_tile[i : i + tiles.q] = best_tile
+    return out_tile
 
 
 def _refine_in_tile(
     q: torch.Tensor, g: torch.Tensor, tile_start: torch.Tensor, tile_g: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact (float64) smallest squared distance of each query within its winning gallery tile,
-    and the gallery row it belongs to."""
+    and the gallery row it belongs to (the lowest row among exact ties)."""
     out = torch.empty(q.shape[0], dtype=torch.float64)
     idx = torch.empty(q.shape[0], dtype=torch.long)
-    for j in torch.unique(tile_start).tolist():
-        rows = torch.nonzero(tile_start == j).squeeze(1)
+    order = torch.argsort(tile_start, stable=True)
+    starts, counts = torch.unique_consecutive(tile_start[order], return_counts=True)
+    pos = 0
+    for j, n in zip(starts.tolist(), counts.tolist()):
+        rows = order[pos : pos + n]
+        pos += n
         qj = q[rows].to(torch.float64)
         gj = g[j : j + tile_g].to(torch.float64)
-        d2 = (qj * qj).sum(1, keepdim=True) + (gj * gj).sum(1)[None, :] - 2.0 * (qj @ gj.T)
+        d2 = torch.cdist(qj, gj, compute_mode="donot_use_mm_for_euclid_dist").square_()
         v, i = d2.min(dim=1)
         out[rows] = v
         idx[rows] = i + j
@@ -92,52 +156,105 @@ def _refine_in_tile(
 def nearest_neighbors(
     queries: torch.Tensor,
     gallery: torch.Tensor,
-    tile_q: int = DEFAULT_TILE_Q,
-    tile_g: int = DEFAULT_TILE_G,
+    precision: str = "fp32",
+    tiles: Tiles | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Euclidean distance of each query row to its nearest gallery row, and that row's index.
 
-    Returns ((M,) float32 distances, (M,) int64 gallery indices). See :func:`nearest_distances`
-    for how exactness is kept.
+    ``queries`` (M, C), ``gallery`` (G, C) (float32, or float16 as stored in a half-precision bank).
+    Returns ((M,) float32 plain (not squared) distances, as the reference implementation that
+    reproduced the paper's numbers; (M,) int64 gallery indices). ``precision="bf16"`` finds the
+    winning tile with bfloat16 products (opt-in; the distance is still recomputed exactly).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     q, g = _centred(queries, gallery)
-    _, tile_start = _tiled_smallest(q, g, 1, tile_q, tile_g)
-    d2, idx = _refine_in_tile(q, g, tile_start, tile_g)
+    tiles = tiles or tiles_for(q.shape[1], precision)
+    qa, ga = _augment(q, g, torch.bfloat16 if precision == "bf16" else torch.float32)
+    tile_start = _winning_tiles(qa, ga, tiles)
+    d2, idx = _refine_in_tile(q, g, tile_start, tiles.g)
     return d2.sqrt_().to(torch.float32), idx
-
-
-def _centred(queries: torch.Tensor, gallery: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both sets shifted by the gallery mean: distances unchanged, norms (and cancellation) smaller."""
-    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
-        raise ValueError(f"shapes {tuple(queries.shape)} and {tuple(gallery.shape)} do not match")
-    if gallery.shape[0] == 0 or queries.shape[0] == 0:
-        raise ValueError("empty queries or gallery")
-    mu = gallery.mean(dim=0, keepdim=True)
-    return (queries - mu).contiguous(), (gallery - mu).contiguous()
 
 
 def nearest_distances(
     queries: torch.Tensor,
     gallery: torch.Tensor,
     kappa: int = 1,
-    tile_q: int = DEFAULT_TILE_Q,
-    tile_g: int = DEFAULT_TILE_G,
+    precision: str = "fp32",
+    tiles: Tiles | None = None,
 ) -> torch.Tensor:
-    """Mean Euclidean distance of each query row to its ``kappa`` nearest gallery rows.
+    """Mean Euclidean distance of each query row to its ``kappa`` nearest gallery rows, (M,) float32.
 
-    ``queries`` (M, C), ``gallery`` (G, C), float32. Returns (M,) float32 plain (not squared)
-    distances, as the reference implementation that reproduced the paper's numbers.
-
-    Precision: the float32 expansion |q|^2 + |g|^2 - 2 q.g loses digits by cancellation when a
-    distance is small next to the norms (measured up to 4e-5 relative on real features). Both sets
-    are centred on the gallery mean (distances unchanged, norms smaller), and for kappa = 1 the
-    distance is recomputed in float64 inside the tile that won, so the value is exact for the
-    chosen neighbour. For kappa > 1 the float32 values are kept (clamped at 0 before the root).
+    kappa = 1 is :func:`nearest_neighbors` (exact value for the chosen neighbour). kappa > 1 keeps
+    the ``kappa`` smallest float32 squared distances per tile and merges them (clamped at 0 before
+    the root); it is the paper's option, not the default.
     """
     if kappa == 1:
-        return nearest_neighbors(queries, gallery, tile_q, tile_g)[0]
+        return nearest_neighbors(queries, gallery, precision, tiles)[0]
     q, g = _centred(queries, gallery)
-    kappa = min(kappa, gallery.shape[0])
-    vals, _ = _tiled_smallest(q, g, kappa, tile_q, tile_g)
-    d2 = (vals + (q * q).sum(1, keepdim=True)).clamp_(min=0.0)
-    return d2.sqrt_().mean(dim=1)
+    tiles = tiles or tiles_for(q.shape[1])
+    kappa = min(kappa, g.shape[0])
+    qa, ga = _augment(q, g, torch.float32)
+    out = torch.empty((q.shape[0], kappa))
+    for i in range(0, q.shape[0], tiles.q):
+        best: torch.Tensor | None = None
+        for j in range(0, g.shape[0], tiles.g):
+            part = qa[i : i + tiles.q] @ ga[:, j : j + tiles.g]
+            m = torch.topk(part, min(kappa, part.shape[1]), dim=1, largest=False, sorted=False).values
+            cat = m if best is None else torch.cat([best, m], dim=1)
+            best = torch.topk(cat, min(kappa, cat.shape[1]), dim=1, largest=False, sorted=False).values
+        assert best is not None
+        out[i : i + tiles.q] = best
+    return out.clamp_(min=0.0).sqrt_().mean(dim=1)
+
+
+def window_distances(
+    test: torch.Tensor, gallery: torch.Tensor, radius: int, block: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local search: each test pixel against the gallery features within +-``radius`` positions.
+
+    ``test`` (h, w, C) one image's features at one level; ``gallery`` (K, h, w, C) the K nearest normal
+    images' features at that level. Returns (h, w) float32 Euclidean distances to the nearest gallery
+    feature at (y + dy, x + dx) for |dy|, |dx| <= radius (positions outside the map are skipped), and
+    (h, w) int64 flat indices of those features, ``(k * h + y') * w + x'``.
+    Work is K (2R+1)^2 per pixel instead of K h w, so it is far faster; it suits aligned objects
+    (the paper's remark on using locality, as PatchMatch does) and is wrong for objects that move.
+
+    The map is cut into ``block`` x ``block`` squares; each square's pixels are matched with one GEMM
+    against the gallery features of the square grown by ``radius`` (positions outside a pixel's own
+    window masked out), and the winner's distance is recomputed exactly in float64.
+    """
+    if test.ndim != 3 or gallery.ndim != 4 or gallery.shape[1:] != test.shape:
+        raise ValueError(f"gallery shape {tuple(gallery.shape)} does not match test features {tuple(test.shape)}")
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    h, w, c = test.shape
+    n_k = gallery.shape[0]
+    g = gallery.to(torch.float32)
+    mu = g.reshape(-1, c).mean(dim=0)
+    g = g - mu
+    t = test.to(torch.float32) - mu
+    out = torch.empty((h, w), dtype=torch.float32)
+    out_idx = torch.empty((h, w), dtype=torch.long)
+    for y0 in range(0, h, block):
+        for x0 in range(0, w, block):
+            y1, x1 = min(y0 + block, h), min(x0 + block, w)
+            gy0, gy1, gx0, gx1 = max(0, y0 - radius), min(h, y1 + radius), max(0, x0 - radius), min(w, x1 + radius)
+            q = t[y0:y1, x0:x1].reshape(-1, c)
+            cand = g[:, gy0:gy1, gx0:gx1].reshape(-1, c)
+            d2 = torch.addmm((cand * cand).sum(1)[None, :], q, cand.T, beta=1.0, alpha=-2.0)
+            # Window mask: query (qy, qx) may match candidate (cy, cx) only if both offsets are <= radius.
+            qy, qx = torch.meshgrid(torch.arange(y0, y1), torch.arange(x0, x1), indexing="ij")
+            cy, cx = torch.meshgrid(torch.arange(gy0, gy1), torch.arange(gx0, gx1), indexing="ij")
+            ok = ((qy.reshape(-1, 1) - cy.reshape(1, -1)).abs() <= radius) & (
+                (qx.reshape(-1, 1) - cx.reshape(1, -1)).abs() <= radius
+            )
+            d2 = d2.view(q.shape[0], n_k, -1).masked_fill_(~ok[:, None, :], float("inf")).view(q.shape[0], -1)
+            best = d2.argmin(dim=1)
+            diff = q.to(torch.float64) - cand[best].to(torch.float64)
+            out[y0:y1, x0:x1] = (diff * diff).sum(1).sqrt().to(torch.float32).view(y1 - y0, x1 - x0)
+            bh, bw = gy1 - gy0, gx1 - gx0
+            kk, rest = best // (bh * bw), best % (bh * bw)
+            flat = (kk * h + gy0 + rest // bw) * w + gx0 + rest % bw
+            out_idx[y0:y1, x0:x1] = flat.view(y1 - y0, x1 - x0)
+    return out, out_idx
