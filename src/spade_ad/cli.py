@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 unexpected internal error, 2 bad input or usage (one-li
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import sys
 import time
@@ -71,6 +72,12 @@ def model_options(f: Callable) -> Callable:
                      help="Nearest normal images for the kNN image score (default: --k)."),
         click.option("--patch-size", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Average pixel features over odd PxP neighbourhoods before matching (1 = paper)."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+                     help="Pixel search products: fp32 (exact) or bf16 (opt-in, faster on wide features)."),
+        click.option("--window", type=click.IntRange(min=0), default=None,
+                     help="Match each pixel only within +-R gallery positions (opt-in; aligned objects only)."),
+        click.option("--bank-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+                     show_default=True, help="Storage of the pixel features in the model (float16 halves it)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -89,7 +96,7 @@ def threshold_options(f: Callable) -> Callable:
 
 
 _MODEL_KEYS = ("backbone", "weights", "k", "kappa", "levels", "sigma", "image_size", "crop_size", "batch_size",
-               "image_score", "image_k", "patch_size")
+               "image_score", "image_k", "patch_size", "precision", "window", "bank_dtype")
 
 
 def _make_model(opts: dict[str, Any], progress: bool = True) -> SPADE:
@@ -127,6 +134,13 @@ def _handle_errors(f: Callable) -> Callable:
     return wrapper
 
 
+def _set_threads() -> None:
+    """Use every core this process may run on (torch's default counts physical cores of the whole
+    machine, which is wrong in containers and under taskset), unless the user set OMP_NUM_THREADS."""
+    if "OMP_NUM_THREADS" not in os.environ and hasattr(os, "sched_getaffinity"):
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="spade-ad")
 def main() -> None:
@@ -134,6 +148,7 @@ def main() -> None:
 
     Fit on normal images, then score and outline defects on new ones.
     """
+    _set_threads()
 
 
 @main.command()
@@ -173,21 +188,29 @@ def fit(data: Path, out: Path, overwrite: bool, calibrate: float | None, thresho
 @click.option("--no-overlays", is_flag=True, help="Skip the overlay PNGs (faster).")
 @click.option("--explain", is_flag=True,
               help="Also write explain/<stem>_neighbors.csv and explain/<stem>.png (image | rebuilt from matches).")
+@click.option("--segment-above", type=float, default=None,
+              help="Run the pixel stage only for images whose kNN image score exceeds this value.")
+@click.option("--mmap/--no-mmap", default=True, show_default=True,
+              help="Leave the pixel features in the model file and read only each image's K neighbours.")
 @_handle_errors
 def predict(model_path: Path, images: tuple[Path, ...], out: Path, overwrite: bool, weights: str | None,
-            no_overlays: bool, explain: bool) -> None:
+            no_overlays: bool, explain: bool, segment_above: float | None, mmap: bool) -> None:
     """Score IMAGES (files and/or folders) with MODEL.
 
-    Writes OUT/scores.csv (path,image_score[,is_anomalous]), OUT/maps/<stem>.npy (float32 anomaly
-    map), OUT/overlays/<stem>.png (heatmap over the cropped image; one colour scale for the whole
-    run) and, when the model has thresholds, OUT/masks/<stem>.png (pixels at or above the pixel
-    threshold). When two inputs share a file stem, every output is named <parent folder>_<stem>.
+    Writes OUT/scores.csv (path,image_score[,is_anomalous][,segmented]), OUT/maps/<stem>.npy (float32
+    anomaly map), OUT/overlays/<stem>.png (heatmap over the cropped image; one colour scale for the
+    whole run) and, when the model has thresholds, OUT/masks/<stem>.png (pixels at or above the pixel
+    threshold). With --segment-above, maps, overlays and masks exist only for segmented images.
+    When two inputs share a file stem, every output is named <parent folder>_<stem>.
     """
     check_can_write(out, overwrite)
-    model = SPADE.load(model_path, weights=weights, progress=True)
+    model = SPADE.load(model_path, weights=weights, progress=True, mmap=mmap)
     paths = expand_inputs(images)
     stems = unique_stems([str(p) for p in paths])
-    pred = model.predict(paths)
+    t0 = time.perf_counter()
+    pred = model.predict(paths, segment_above=segment_above)
+    seconds = time.perf_counter() - t0
+    segmented = pred.segmented if pred.segmented is not None else np.ones(len(paths), bool)
     th = model.thresholds_
     explanations = model.explain(paths) if explain else None
     with staged_dir(out, overwrite) as tmp:
@@ -198,9 +221,12 @@ def predict(model_path: Path, images: tuple[Path, ...], out: Path, overwrite: bo
             (tmp / "masks").mkdir()
         if explain:
             (tmp / "explain").mkdir()
-        vmin, vmax = float(pred.anomaly_maps.min()), float(pred.anomaly_maps.max())
+        seg_maps = pred.anomaly_maps[segmented]
+        vmin, vmax = (float(seg_maps.min()), float(seg_maps.max())) if len(seg_maps) else (0.0, 1.0)
         for i, (path, stem, amap) in enumerate(tqdm(list(zip(paths, stems, pred.anomaly_maps)), desc="writing",
                                                     unit="img", leave=False)):
+            if not segmented[i]:
+                continue
             np.save(tmp / "maps" / f"{stem}.npy", amap)
             img = None
             if not no_overlays or explain:
@@ -212,14 +238,21 @@ def predict(model_path: Path, images: tuple[Path, ...], out: Path, overwrite: bo
             if explanations is not None:
                 _write_explanation(tmp / "explain", stem, explanations[i], img, model)
         header = ["path", "image_score"] + (["is_anomalous"] if th is not None else [])
+        header += ["segmented"] if segment_above is not None else []
         rows = []
         for i, (p, s) in enumerate(zip(paths, pred.image_scores)):
-            row = [str(p), f"{s:.6g}"]
+            # 10 significant digits: enough to compare scores to 1e-9 relative across tools.
+            row = [str(p), f"{s:.10g}"]
             if pred.is_anomalous is not None:
                 row.append(int(pred.is_anomalous[i]))
+            if segment_above is not None:
+                row.append(int(segmented[i]))
             rows.append(row)
         write_csv(tmp / "scores.csv", header, rows)
-    click.echo(f"scored {len(paths)} images; results in {out}")
+    n_seg = int(segmented.sum())
+    seg_note = f", {n_seg} segmented (score > {segment_above:g})" if segment_above is not None else ""
+    click.echo(f"scored {len(paths)} images in {seconds:.1f} s ({seconds / max(1, len(paths)):.3f} s per image)"
+               f"{seg_note}; results in {out}")
 
 
 def _write_explanation(folder: Path, stem: str, e: Explanation, img: np.ndarray, model: SPADE) -> None:
@@ -369,6 +402,45 @@ def ablate(root: Path, category: str, json_path: Path | None, markdown_path: Pat
         text = result.as_markdown()
         atomic_write(markdown_path, lambda tmp: Path(tmp).write_text(text))
         click.echo(f"tables written to {markdown_path}", err=True)
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (loopback by default; 0.0.0.0 exposes the service to the network).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Server processes; each loads the model and batches its own requests.")
+@click.option("--weights", default=None, help="Backbone weights file, if not where it was at fit time.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most images scored in one model call.")
+@click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="How long the model worker waits for more images before scoring a batch "
+                   "(0 with --max-batch 1 disables micro-batching).")
+@click.option("--queue-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Most images admitted at once; beyond that requests get 503 with Retry-After.")
+@click.option("--timeout", "request_timeout_s", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="Seconds before a request is answered 504.")
+@click.option("--max-upload-bytes", type=click.IntRange(min=1), default=16 * 1024 * 1024, show_default=True,
+              help="Largest encoded image accepted (413 above).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=40_000_000, show_default=True,
+              help="Largest image in pixels, checked before decoding (413 above).")
+@click.option("--max-batch-images", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Most images in one /v1/score/batch request.")
+@click.option("--torch-threads", type=click.IntRange(min=1), default=None,
+              help="Threads torch may use (default: torch's choice, usually one per core).")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+@_handle_errors
+def serve(model_path: Path, host: str, port: int, workers: int, weights: str | None, log_level: str,
+          **settings: Any) -> None:
+    """Serve MODEL over HTTP: POST /v1/score, /v1/score/batch; GET /v1/model, /healthz, /readyz, and an
+    inspection page at / (see README, "Service")."""
+    from .service.server import run
+    from .service.settings import ServiceSettings
+
+    run(model_path, ServiceSettings(**settings), host=host, port=port, workers=workers, weights=weights,
+        log_level=log_level)
 
 
 if __name__ == "__main__":  # pragma: no cover
