@@ -8,6 +8,7 @@ interpolation so that they stay aligned with the anomaly maps pixel for pixel.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DatasetError, ImageError
+from .errors import DatasetError, ImageError, ImageTooLargeError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
@@ -38,15 +39,43 @@ ImageLike = str | os.PathLike | np.ndarray
 _OPEN_LOCK = threading.Lock()
 
 
-def _open_header(path: Path) -> Image.Image:
+def _open_header(source: Path | io.BytesIO, formats: Sequence[str] | None = None) -> Image.Image:
     """``Image.open`` (header only) with Pillow's global pixel limit lifted; our caller checks size."""
     with _OPEN_LOCK:
         saved = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
-            return Image.open(path)
+            return Image.open(source, formats=None if formats is None else list(formats))
         finally:
             Image.MAX_IMAGE_PIXELS = saved
+
+
+def _open_source(
+    source: Path | io.BytesIO, name: str, max_pixels: int, formats: Sequence[str] | None = None
+) -> Image.Image:
+    """Open a file or in-memory bytes, refusing non-images, bombs and truncated data; ``name`` is for messages."""
+    try:
+        img = _open_header(source, formats)
+    except UnidentifiedImageError:
+        allowed = "" if formats is None else f"; accepted: {', '.join(formats)}"
+        raise ImageError(f"{name}: not an image (unrecognised or unsupported format{allowed})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name}: cannot be opened ({exc})") from None
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"{name}: has an empty size {w}x{h}")
+    if w * h > max_pixels:
+        img.close()
+        raise ImageTooLargeError(
+            f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+            "(possible decompression bomb; raise max_pixels if the image is genuine)"
+        )
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        img.close()
+        raise ImageError(f"{name}: truncated or corrupt image data ({exc})") from None
+    return img
 
 
 def _open_checked(path: Path, max_pixels: int) -> Image.Image:
@@ -55,27 +84,7 @@ def _open_checked(path: Path, max_pixels: int) -> Image.Image:
         raise ImageError(f"{path}: no such file")
     if not path.is_file():
         raise ImageError(f"{path}: not a regular file")
-    try:
-        img = _open_header(path)
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image (unrecognised or unsupported format)") from None
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot be opened ({exc})") from None
-    w, h = img.size
-    if w <= 0 or h <= 0:
-        raise ImageError(f"{path}: has an empty size {w}x{h}")
-    if w * h > max_pixels:
-        img.close()
-        raise ImageError(
-            f"{path}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
-            "(possible decompression bomb; raise max_pixels if the image is genuine)"
-        )
-    try:
-        img.load()
-    except (OSError, SyntaxError, ValueError) as exc:
-        img.close()
-        raise ImageError(f"{path}: truncated or corrupt image data ({exc})") from None
-    return img
+    return _open_source(path, str(path), max_pixels)
 
 
 def _to_float_rgb(img: Image.Image, name: str) -> np.ndarray:
@@ -106,6 +115,25 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     img = _open_checked(p, max_pixels)
     try:
         return _to_float_rgb(img, str(p))
+    finally:
+        img.close()
+
+
+def read_image_bytes(
+    data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, formats: Sequence[str] | None = None
+) -> np.ndarray:
+    """Decode an encoded image held in memory (e.g. an upload) exactly as :func:`read_image` reads a file.
+
+    Same checks and same result as ``read_image`` on a file with these bytes: the pixel count is
+    checked from the header before any decoding (:class:`ImageTooLargeError`), then undecodable or
+    truncated data raises :class:`ImageError`. ``name`` only labels messages; it is never opened.
+    ``formats``: Pillow format names to accept (e.g. ``("PNG", "JPEG")``); None accepts all.
+    """
+    if not data:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    img = _open_source(io.BytesIO(data), name, max_pixels, formats)
+    try:
+        return _to_float_rgb(img, name)
     finally:
         img.close()
 

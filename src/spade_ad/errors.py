@@ -16,6 +16,10 @@ class ImageError(SpadeError):
     """An image (or mask) that cannot be read or is unusable; the message names the file."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image with more pixels than allowed (refused from its header, before decoding)."""
+
+
 class DatasetError(SpadeError):
     """A dataset folder that is empty, incomplete or inconsistent (e.g. a mask without an image)."""
 

@@ -1,0 +1,10 @@
+"""HTTP scoring service for a fitted SPADE model (``spade-ad serve``): FastAPI app, micro-batcher, page.
+
+Needs only SPADE's public API; see :func:`create_app` and the README's "Service" section.
+"""
+
+from .app import create_app
+from .batcher import MicroBatcher, QueueFull
+from .settings import ServiceSettings
+
+__all__ = ["create_app", "MicroBatcher", "QueueFull", "ServiceSettings"]

@@ -1,0 +1,54 @@
+"""Running the service with uvicorn (what ``spade-ad serve`` calls)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..model import SPADE
+from .settings import ServiceSettings
+
+# With several worker processes uvicorn imports the app by name in each of them; these carry the
+# model file and settings there (set by :func:`run`, read by :func:`app_from_env`).
+ENV_MODEL = "SPADE_AD_SERVE_MODEL"
+ENV_WEIGHTS = "SPADE_AD_SERVE_WEIGHTS"
+ENV_SETTINGS = "SPADE_AD_SERVE_SETTINGS"
+
+
+def app_from_env():  # noqa: ANN201 - FastAPI; imported lazily by uvicorn
+    """App factory for uvicorn worker processes: each loads its own copy of the model."""
+    from .app import create_app
+
+    model_path = os.environ[ENV_MODEL]
+    weights = os.environ.get(ENV_WEIGHTS) or None
+    settings = ServiceSettings.from_json(os.environ[ENV_SETTINGS])
+    return create_app(lambda: SPADE.load(model_path, weights=weights), settings)
+
+
+def run(model_path: Path, settings: ServiceSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+        weights: str | None = None, log_level: str = "info", access_log: bool = True) -> None:
+    """Serve ``model_path`` until interrupted.
+
+    The model is loaded here first, so a bad model file or missing weights fail at once with a
+    one-line error rather than inside a server. With ``workers`` > 1 uvicorn starts that many processes,
+    each loading the model and batching its own requests (memory grows with N).
+    """
+    import uvicorn
+
+    from .app import create_app
+
+    model = SPADE.load(model_path, weights=weights)
+    # uvicorn answers 503 itself beyond this many concurrent connections+tasks: a backstop in front of
+    # the image queue for clients that open connections without sending anything.
+    limit_concurrency = max(64, 4 * settings.queue_size)
+    common = dict(host=host, port=port, log_level=log_level, access_log=access_log,
+                  limit_concurrency=limit_concurrency, timeout_keep_alive=5)
+    if workers == 1:
+        uvicorn.run(create_app(model, settings), **common)
+        return
+    del model
+    os.environ[ENV_MODEL] = str(Path(model_path).resolve())
+    os.environ[ENV_SETTINGS] = settings.to_json()
+    if weights is not None:
+        os.environ[ENV_WEIGHTS] = str(weights)
+    uvicorn.run("spade_ad.service.server:app_from_env", factory=True, workers=workers, **common)
