@@ -88,29 +88,32 @@ def _centred(queries: torch.Tensor, gallery: torch.Tensor) -> tuple[torch.Tensor
     return (queries.to(torch.float32) - mu).contiguous(), (g - mu).contiguous()
 
 
-def _augment(q: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, C+2) and (C+2, G) matrices whose product is the squared distance matrix.
+def _augment(x: torch.Tensor, scale: float, norm_last: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Rows [scale * x, |x|^2, 1] (``norm_last=False``) or [scale * x, 1, |x|^2], row-major, so that
+    ``aug(q, 1, False) @ aug(g, -2, True).T`` is the squared distance matrix.
 
     Wide features get their inner dimension padded with zeros to a multiple of 16, which keeps the
     GEMM kernels on their fast path (the zeros change no value).
     """
-    c = q.shape[1]
+    n, c = x.shape
     width = c + 2 if c < 128 else -(-(c + 2) // 16) * 16
-    qa = torch.zeros((q.shape[0], width), dtype=torch.float32)
-    qa[:, :c] = q
-    qa[:, c] = (q * q).sum(1)
-    qa[:, c + 1] = 1.0
-    ga = torch.zeros((width, g.shape[0]), dtype=torch.float32)
-    ga[:c] = (-2.0 * g).T
-    ga[c] = 1.0
-    ga[c + 1] = (g * g).sum(1)
-    return qa.to(dtype), ga.to(dtype).contiguous()
+    out = torch.zeros((n, width), dtype=torch.float32)
+    out[:, :c] = x
+    out[:, c + int(norm_last)] = torch.linalg.vector_norm(x, dim=1).square_()
+    out[:, c + 1 - int(norm_last)] = 1.0
+    if scale != 1.0:
+        out[:, :c] *= scale
+    return out.to(dtype)
 
 
 def _winning_tiles(qa: torch.Tensor, ga: torch.Tensor, tiles: Tiles) -> torch.Tensor:
-    """Start row of the gallery tile that holds each query's smallest product (running minimum)."""
+    """Start row of the gallery tile that holds each query's smallest product (running minimum).
+
+    ``qa`` (M, W) and ``ga`` (G, W) augmented rows; each tile is one ``qa_i @ ga_j.T`` product (a
+    contiguous block of gallery rows, which BLAS reads without a copy).
+    """
     int_view = torch.int16 if qa.dtype == torch.bfloat16 else torch.int32
-    n_q, n_g = qa.shape[0], ga.shape[1]
+    n_q, n_g = qa.shape[0], ga.shape[0]
     out_tile = torch.empty(n_q, dtype=torch.long)
     buf = torch.empty((min(tiles.q, n_q), min(tiles.g, n_g)), dtype=qa.dtype)
     for i in range(0, n_q, tiles.q):
@@ -118,9 +121,9 @@ def _winning_tiles(qa: torch.Tensor, ga: torch.Tensor, tiles: Tiles) -> torch.Te
         best = torch.full((qi.shape[0],), torch.iinfo(int_view).max, dtype=int_view)
         best_tile = torch.zeros(qi.shape[0], dtype=torch.long)
         for j in range(0, n_g, tiles.g):
-            gj = ga[:, j : j + tiles.g]
-            part = buf[: qi.shape[0], : gj.shape[1]]
-            torch.mm(qi, gj, out=part)
+            gj = ga[j : j + tiles.g]
+            part = buf[: qi.shape[0], : gj.shape[0]]
+            torch.mm(qi, gj.T, out=part)
             # Non-negative floats order as their bit patterns do; a rounding-negative value (a distance
             # of ~0) reads as a very negative integer and so also wins, which is the right answer.
             m = part.view(int_view).amin(dim=1)
@@ -132,25 +135,27 @@ def _winning_tiles(qa: torch.Tensor, ga: torch.Tensor, tiles: Tiles) -> torch.Te
 
 
 def _refine_in_tile(
-    q: torch.Tensor, g: torch.Tensor, tile_start: torch.Tensor, tile_g: int
+    q: torch.Tensor, g: torch.Tensor, qa: torch.Tensor, ga: torch.Tensor, tile_start: torch.Tensor, tile_g: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact (float64) smallest squared distance of each query within its winning gallery tile,
-    and the gallery row it belongs to (the lowest row among exact ties)."""
-    out = torch.empty(q.shape[0], dtype=torch.float64)
+    """Each query's nearest row inside its winning gallery tile, and the exact (float64) squared
+    distance to it.
+
+    The row is the argmin of the same float32 products (one small GEMM per distinct winning tile,
+    queries grouped by tile); its distance is then computed directly, ``sum((q - g)^2)`` in float64,
+    which has no cancellation at all.
+    """
     idx = torch.empty(q.shape[0], dtype=torch.long)
+    int_view = torch.int16 if qa.dtype == torch.bfloat16 else torch.int32
     order = torch.argsort(tile_start, stable=True)
     starts, counts = torch.unique_consecutive(tile_start[order], return_counts=True)
     pos = 0
     for j, n in zip(starts.tolist(), counts.tolist()):
         rows = order[pos : pos + n]
         pos += n
-        qj = q[rows].to(torch.float64)
-        gj = g[j : j + tile_g].to(torch.float64)
-        d2 = torch.cdist(qj, gj, compute_mode="donot_use_mm_for_euclid_dist").square_()
-        v, i = d2.min(dim=1)
-        out[rows] = v
-        idx[rows] = i + j
-    return out.clamp_(min=0.0), idx
+        part = torch.mm(qa[rows], ga[j : j + tile_g].T)
+        idx[rows] = part.view(int_view).argmin(dim=1) + j
+    diff = q.to(torch.float64) - g[idx].to(torch.float64)
+    return (diff * diff).sum(1), idx
 
 
 def nearest_neighbors(
@@ -170,9 +175,10 @@ def nearest_neighbors(
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     q, g = _centred(queries, gallery)
     tiles = tiles or tiles_for(q.shape[1], precision)
-    qa, ga = _augment(q, g, torch.bfloat16 if precision == "bf16" else torch.float32)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    qa, ga = _augment(q, 1.0, False, dtype), _augment(g, -2.0, True, dtype)
     tile_start = _winning_tiles(qa, ga, tiles)
-    d2, idx = _refine_in_tile(q, g, tile_start, tiles.g)
+    d2, idx = _refine_in_tile(q, g, qa, ga, tile_start, tiles.g)
     return d2.sqrt_().to(torch.float32), idx
 
 
@@ -194,12 +200,12 @@ def nearest_distances(
     q, g = _centred(queries, gallery)
     tiles = tiles or tiles_for(q.shape[1])
     kappa = min(kappa, g.shape[0])
-    qa, ga = _augment(q, g, torch.float32)
+    qa, ga = _augment(q, 1.0, False, torch.float32), _augment(g, -2.0, True, torch.float32)
     out = torch.empty((q.shape[0], kappa))
     for i in range(0, q.shape[0], tiles.q):
         best: torch.Tensor | None = None
         for j in range(0, g.shape[0], tiles.g):
-            part = qa[i : i + tiles.q] @ ga[:, j : j + tiles.g]
+            part = qa[i : i + tiles.q] @ ga[j : j + tiles.g].T
             m = torch.topk(part, min(kappa, part.shape[1]), dim=1, largest=False, sorted=False).values
             cat = m if best is None else torch.cat([best, m], dim=1)
             best = torch.topk(cat, min(kappa, cat.shape[1]), dim=1, largest=False, sorted=False).values
