@@ -260,7 +260,7 @@ def create_app(model: ModelSource, settings: ServiceSettings | None = None) -> F
                 body = await read_body(request.stream(), request.headers.get("content-length"),
                                        limit_files * settings.max_upload_bytes + MULTIPART_OVERHEAD)
                 uploads = uploads_from_body(request.headers.get("content-type"), body,
-                                            request.headers.get("x-filename"), limit_files,
+                                            request.headers.get("x-filename"), settings.batch_request_limit,
                                             settings.max_upload_bytes, "files" if many else "file")
                 del body
                 if not many and len(uploads) > 1:

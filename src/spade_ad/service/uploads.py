@@ -152,7 +152,7 @@ def uploads_from_body(content_type: str | None, body: bytes, raw_name: str | Non
     """
     mt = media_type(content_type)
     if mt == "multipart/form-data":
-        files = [p for p in parse_multipart(content_type or "", body) if p.filename is not None or p.name == field]
+        files = [p for p in parse_multipart(content_type or "", body) if p.name == field]
         if not files:
             raise UploadProblem(422, f"multipart upload has no file: send the image in a form field named {field!r}")
         if len(files) > max_files:
