@@ -580,3 +580,13 @@ def test_read_image_bytes_equals_read_image_and_checks_before_decoding():
     with pytest.raises(ImageError, match="g.gif: not an image .*accepted: PNG"):
         read_image_bytes(_gif_bytes(), "g.gif", formats=("PNG",))
     assert read_image_bytes(_gif_bytes(), "g.gif").shape == (32, 32, 3)  # every Pillow format by default
+
+
+def test_several_worker_processes_each_load_the_model(model_file: Path, tmp_path: Path, server: Server):
+    """--workers 2: uvicorn imports the app factory in two processes (model path passed by environment)."""
+    reference = _score(server, BENT)["image_score"]
+    with _serve_process(model_file, tmp_path, "--workers", "2") as s:
+        for _ in range(4):
+            assert _score(s, BENT)["image_score"] == reference
+        stats = s.get("/v1/stats").json()
+        assert stats["pid"] != s.proc.pid and stats["images"] >= 1  # answered by a worker, not the parent

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -188,7 +189,7 @@ def create_app(model: ModelSource, settings: ServiceSettings | None = None) -> F
         return Stats(batches=s.batches, images=s.images, largest_batch=s.largest_batch,
                      mean_batch=s.images / s.batches if s.batches else 0.0, rejected_queue_full=s.rejected,
                      skipped_timed_out=s.skipped_cancelled, failed=s.failed, admitted_now=b.admitted,
-                     waiting_now=b.waiting)
+                     waiting_now=b.waiting, pid=os.getpid())
 
     @lru_cache(maxsize=128)
     def _train_png(index: int) -> bytes:

@@ -85,6 +85,7 @@ class Stats(BaseModel):
     failed: int
     admitted_now: int
     waiting_now: int
+    pid: int = Field(description="The answering server process (with --workers N each has its own counters).")
 
 
 class Status(BaseModel):
