@@ -32,7 +32,7 @@ FORMAT_VERSION = 1
 
 
 #: Rows read per mapping while hashing a memory-mapped level (bounds resident memory while verifying).
-_HASH_CHUNK_BYTES = 64 << 20
+_HASH_CHUNK_BYTES = 16 << 20
 
 
 class MappedLevel:
@@ -105,6 +105,14 @@ class FeatureBank:
 
     def __len__(self) -> int:
         return int(self.global_.shape[0])
+
+    def global_sq_norms(self) -> torch.Tensor:
+        """|global feature|^2 of every bank row, computed once (the image-level search reuses it)."""
+        cached = self.__dict__.get("_global_sq")
+        if cached is None or cached.shape[0] != self.global_.shape[0]:
+            cached = torch.linalg.vector_norm(self.global_.to(torch.float32), dim=1).square_()
+            self.__dict__["_global_sq"] = cached
+        return cached
 
     def gallery(self, level: int, neighbors: torch.Tensor) -> torch.Tensor:
         """The pixel features of the images ``neighbors`` at one level, float32 (K, h, w, C)."""

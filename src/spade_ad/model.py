@@ -330,7 +330,7 @@ class SPADE:
 
     def _knn(self, global_: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """(kNN image score over the ``image_k_`` nearest, the ``k_`` nearest training indices)."""
-        dist2, nb = knn_images(global_, self.bank_.global_, max(self.k_, self.image_k_))
+        dist2, nb = knn_images(global_, self.bank_.global_, max(self.k_, self.image_k_), self.bank_.global_sq_norms())
         # Paper: image score = mean squared Euclidean distance to the K nearest normal images.
         return dist2[:, : self.image_k_].mean(dim=1).numpy(), nb[:, : self.k_]
 

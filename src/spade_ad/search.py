@@ -48,28 +48,31 @@ def tiles_for(dim: int, precision: str = "fp32") -> Tiles:
     return Tiles(1024, 512)
 
 
-def knn_images(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_images(
+    queries: torch.Tensor, bank: torch.Tensor, k: int, bank_sq_norms: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """K nearest bank rows of each query: (squared Euclidean distances (M, k) float64, indices (M, k)).
 
-    Candidates are found with one float32 GEMM (fast, and no float64 copy of a large bank is ever
-    made); the ``k + 16`` best candidates are then re-scored in float64 and re-sorted, so the returned
-    distances do not suffer from the cancellation of the |a|^2 + |b|^2 - 2ab expansion and the order
-    is the float64 order except where float32 rounding moved a neighbour by more than 16 places.
+    Candidates come from one float32 GEMM against the bank as it is (no copy of a possibly large
+    bank is made; pass ``bank_sq_norms`` = |bank rows|^2 to skip recomputing them per call); the
+    ``k + 16`` best candidates are then re-scored exactly (float64 differences) and re-sorted, ties
+    to the lower index as a brute force would. So the distances are exact and the order is the
+    float64 order unless float32 rounding moved a neighbour by more than 16 places.
     """
     if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
         raise ValueError(f"shapes {tuple(queries.shape)} and {tuple(bank.shape)} do not match")
     k = min(k, bank.shape[0])
     q = queries.to(torch.float32)
     b = bank.to(torch.float32)
-    mu = b.mean(dim=0, keepdim=True) if b.shape[0] <= 4096 else b[:4096].mean(dim=0, keepdim=True)
-    qc, bc = q - mu, b - mu  # centring: distances unchanged, cancellation smaller
-    d2 = torch.addmm((bc * bc).sum(1)[None, :], qc, bc.T, beta=1.0, alpha=-2.0)
+    if bank_sq_norms is None:
+        bank_sq_norms = torch.linalg.vector_norm(b, dim=1).square_()
+    d2 = torch.addmm(bank_sq_norms[None, :], q, b.T, beta=1.0, alpha=-2.0)
     n_cand = min(k + 16, b.shape[0])
     cand = torch.topk(d2, n_cand, dim=1, largest=False, sorted=False).indices
     del d2
-    diff = q.to(torch.float64)[:, None, :] - b[cand].to(torch.float64)  # (M, n_cand, D) exact
+    diff = q.to(torch.float64)[:, None, :] - b[cand].to(torch.float64)  # (M, n_cand, D)
     exact = (diff * diff).sum(-1)
-    # Stable sort on (distance, index) so ties resolve to the lower bank index, as a brute force would.
+    # Sort by index first, then stably by distance: exact ties resolve to the lower bank index.
     cand_sorted, order = torch.sort(cand, dim=1)
     exact = torch.gather(exact, 1, order)
     vals, pos = torch.sort(exact, dim=1, stable=True)
