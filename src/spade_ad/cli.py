@@ -76,6 +76,8 @@ def model_options(f: Callable) -> Callable:
                      help="Pixel search products: fp32 (exact) or bf16 (opt-in, faster on wide features)."),
         click.option("--window", type=click.IntRange(min=0), default=None,
                      help="Match each pixel only within +-R gallery positions (opt-in; aligned objects only)."),
+        click.option("--geometry", type=click.Choice(["squash", "pad"]), default="squash", show_default=True,
+                     help="squash to a square (paper) or keep the aspect ratio and pad (metrics on the image only)."),
         click.option("--bank-dtype", type=click.Choice(["float32", "float16"]), default="float32",
                      show_default=True, help="Storage of the pixel features in the model (float16 halves it)."),
     ]
@@ -96,7 +98,7 @@ def threshold_options(f: Callable) -> Callable:
 
 
 _MODEL_KEYS = ("backbone", "weights", "k", "kappa", "levels", "sigma", "image_size", "crop_size", "batch_size",
-               "image_score", "image_k", "patch_size", "precision", "window", "bank_dtype")
+               "image_score", "image_k", "patch_size", "precision", "window", "bank_dtype", "geometry")
 
 
 def _make_model(opts: dict[str, Any], progress: bool = True) -> SPADE:

@@ -184,27 +184,63 @@ def crop_box(image_size: int, crop_size: int) -> tuple[int, int, int, int]:
     return off, off, off + crop_size, off + crop_size
 
 
-def _resize_float_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear (antialiased) resize of float RGB to size x size, one Pillow 'F' plane per channel."""
+#: ``squash``: resize to image_size x image_size whatever the aspect ratio (the paper). ``pad``: resize
+#: so the long side is image_size, keep the aspect ratio, and pad the short side symmetrically to a
+#: square with the image's mean colour; pixel metrics then count only the image's own area.
+GEOMETRIES = ("squash", "pad")
+
+
+def placed_box(height: int, width: int, image_size: int, geometry: str) -> tuple[int, int, int, int]:
+    """(top, left, resized height, resized width) of the image inside the image_size square."""
+    if geometry == "squash":
+        return 0, 0, image_size, image_size
+    if geometry != "pad":
+        raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
+    scale = image_size / max(height, width)
+    nh, nw = max(1, round(height * scale)), max(1, round(width * scale))
+    return (image_size - nh) // 2, (image_size - nw) // 2, nh, nw
+
+
+def valid_region(height: int, width: int, image_size: int, crop_size: int, geometry: str) -> np.ndarray:
+    """bool (crop, crop): where the preprocessed picture shows the image (not padding)."""
+    top, left, nh, nw = placed_box(height, width, image_size, geometry)
+    full = np.zeros((image_size, image_size), dtype=bool)
+    full[top : top + nh, left : left + nw] = True
+    c_left, c_top, c_right, c_bottom = crop_box(image_size, crop_size)
+    return full[c_top:c_bottom, c_left:c_right]
+
+
+def _resize_float_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear (antialiased) resize of float RGB to (width, height), one Pillow 'F' plane per channel."""
     planes = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(rgb[:, :, c])).resize((size, size), Image.BILINEAR))
+        np.asarray(Image.fromarray(np.ascontiguousarray(rgb[:, :, c])).resize(size, Image.BILINEAR))
         for c in range(3)
     ]
     return np.stack(planes, axis=2)
 
 
-def preprocess(rgb: np.ndarray, image_size: int, crop_size: int) -> np.ndarray:
-    """Float RGB (H, W, 3) in [0, 1] -> float32 (3, crop, crop): resize to a square, then centre crop.
+def preprocess(rgb: np.ndarray, image_size: int, crop_size: int, geometry: str = "squash") -> np.ndarray:
+    """Float RGB (H, W, 3) in [0, 1] -> float32 (3, crop, crop): resize (see :data:`GEOMETRIES`),
+    then centre crop.
 
     8-bit content goes through Pillow's 8-bit bilinear resize (what torchvision does on PIL images);
     anything finer (16-bit, float arrays) is resized in float so no precision is thrown away.
     """
+    top, left, nh, nw = placed_box(rgb.shape[0], rgb.shape[1], image_size, geometry)
     as8 = np.round(rgb * 255.0)
     if np.isfinite(rgb).all() and np.allclose(as8 / 255.0, rgb, atol=1e-6):
-        img = Image.fromarray(as8.astype(np.uint8), "RGB").resize((image_size, image_size), Image.BILINEAR)
-        out = np.asarray(img, dtype=np.float32) / 255.0
+        img = Image.fromarray(as8.astype(np.uint8), "RGB").resize((nw, nh), Image.BILINEAR)
+        placed = np.asarray(img, dtype=np.float32) / 255.0
     else:
-        out = _resize_float_rgb(rgb, image_size)
+        placed = _resize_float_rgb(rgb, (nw, nh))
+    if (nh, nw) == (image_size, image_size):
+        out = placed
+    else:
+        # Padding with the image's mean colour: a flat area that looks the same in normal and test
+        # images, so it neither matches nor mismatches anything in particular.
+        out = np.empty((image_size, image_size, 3), dtype=np.float32)
+        out[:] = placed.reshape(-1, 3).mean(axis=0)
+        out[top : top + nh, left : left + nw] = placed
     left, top, right, bottom = crop_box(image_size, crop_size)
     out = out[top:bottom, left:right]
     return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
@@ -216,8 +252,10 @@ def read_mask(
     crop_size: int,
     expected_size: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    geometry: str = "squash",
 ) -> np.ndarray:
-    """Read a ground-truth mask as bool (crop, crop), with the same geometry as its image.
+    """Read a ground-truth mask as bool (crop, crop), with the same geometry as its image (padding is
+    defect-free).
 
     ``expected_size`` is the (width, height) of the image the mask belongs to; a mask of another size
     is an error, not something to resize silently. A pixel is defective where the mask is above half
@@ -237,18 +275,31 @@ def read_mask(
             binary = np.asarray(img.convert("L")) > 127
     finally:
         img.close()
-    m = Image.fromarray(binary.astype(np.uint8) * 255, "L").resize((image_size, image_size), Image.NEAREST)
-    left, top, right, bottom = crop_box(image_size, crop_size)
-    return np.asarray(m)[top:bottom, left:right] > 127
+    top, left, nh, nw = placed_box(binary.shape[0], binary.shape[1], image_size, geometry)
+    m = Image.fromarray(binary.astype(np.uint8) * 255, "L").resize((nw, nh), Image.NEAREST)
+    full = np.zeros((image_size, image_size), dtype=bool)
+    full[top : top + nh, left : left + nw] = np.asarray(m) > 127
+    c_left, c_top, c_right, c_bottom = crop_box(image_size, crop_size)
+    return full[c_top:c_bottom, c_left:c_right]
 
 
-def load_preprocessed(item: ImageLike, name: str, image_size: int, crop_size: int, max_pixels: int) -> np.ndarray:
+def load_preprocessed(
+    item: ImageLike, name: str, image_size: int, crop_size: int, max_pixels: int, geometry: str = "squash"
+) -> np.ndarray:
     """Read (if a path) and preprocess one image -> float32 (3, crop, crop)."""
     if isinstance(item, np.ndarray):
         rgb = array_to_rgb(item, name)
     else:
         rgb = read_image(item, max_pixels=max_pixels)
-    return preprocess(rgb, image_size, crop_size)
+    return preprocess(rgb, image_size, crop_size, geometry)
+
+
+def item_size(item: ImageLike, name: str) -> tuple[int, int]:
+    """(height, width) of a path (from its header only) or an array."""
+    if isinstance(item, np.ndarray):
+        return int(item.shape[0]), int(item.shape[1])
+    w, h = image_size_of(item)
+    return h, w
 
 
 # --------------------------------------------------------------------------------------------

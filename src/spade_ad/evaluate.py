@@ -57,7 +57,7 @@ class CategoryResult:
         }
 
 
-def load_masks(ds: Dataset, image_size: int, crop_size: int) -> np.ndarray | None:
+def load_masks(ds: Dataset, image_size: int, crop_size: int, geometry: str = "squash") -> np.ndarray | None:
     """Ground truth (N, crop, crop) bool in test order; normal images get all-False masks.
 
     Returns None when no anomalous image has a mask (pixel metrics are then not defined).
@@ -70,16 +70,19 @@ def load_masks(ds: Dataset, image_size: int, crop_size: int) -> np.ndarray | Non
     masks = np.zeros((len(ds.test), crop_size, crop_size), dtype=bool)
     for i, t in enumerate(ds.test):
         if t.mask is not None:
-            masks[i] = read_mask(t.mask, image_size, crop_size)
+            masks[i] = read_mask(t.mask, image_size, crop_size, geometry=geometry)
     return masks
 
 
 def set_thresholds_from_validation(model: SPADE, validation: Dataset) -> None:
     """Give a fitted model the F1-optimal thresholds on a labelled validation set (its ``test`` part)."""
     pred = model.predict([t.path for t in validation.test])
-    masks = load_masks(validation, model.image_size, model.crop_size)
+    masks = load_masks(validation, model.image_size, model.crop_size, model.geometry)
     labels = np.array([t.label for t in validation.test])
-    model.set_thresholds(f1_thresholds(labels, pred.image_scores, masks, pred.anomaly_maps))
+    maps = pred.anomaly_maps
+    if pred.valid is not None and masks is not None:
+        masks, maps = masks[pred.valid], maps[pred.valid]  # padding is not part of any image
+    model.set_thresholds(f1_thresholds(labels, pred.image_scores, masks, maps))
 
 
 def evaluate_dataset(
@@ -107,18 +110,19 @@ def evaluate_dataset(
     pred = model.predict([t.path for t in ds.test])
     t2 = time.perf_counter()
     labels = np.array([t.label for t in ds.test], dtype=np.int64)
-    masks = load_masks(ds, model.image_size, model.crop_size)
+    masks = load_masks(ds, model.image_size, model.crop_size, model.geometry)
     img_auc = image_auroc(labels, pred.image_scores)
     pix_auc = pro = None
     if masks is not None and masks.any():
-        pix_auc = pixel_auroc(masks, pred.anomaly_maps)
-        pro = pro_auc(masks, pred.anomaly_maps)
+        pix_auc = pixel_auroc(masks, pred.anomaly_maps, valid=pred.valid)
+        pro = pro_auc(masks, pred.anomaly_maps, valid=pred.valid)
     th = model.thresholds_
     image_f1 = pixel_f1 = None
     if th is not None:
         image_f1 = f1_at(labels, pred.image_scores >= th.image)
         if th.pixel is not None and masks is not None:
-            pixel_f1 = f1_at(masks, pred.anomaly_maps >= th.pixel)
+            valid = np.ones(masks.shape, bool) if pred.valid is None else pred.valid
+            pixel_f1 = f1_at(masks[valid], pred.anomaly_maps[valid] >= th.pixel)
     t3 = time.perf_counter()
     log(f"{ds.name}: fit {t1 - t0:.1f} s, predict {t2 - t1:.1f} s, metrics {t3 - t2:.1f} s")
     return CategoryResult(

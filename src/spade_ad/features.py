@@ -23,6 +23,7 @@ class Preprocessing:
     image_size: int = 256
     crop_size: int = 224
     max_pixels: int = DEFAULT_MAX_PIXELS
+    geometry: str = "squash"
 
 
 @dataclass
@@ -50,7 +51,7 @@ def iter_batches(
     """
 
     def load(i: int) -> np.ndarray:
-        return load_preprocessed(items[i], names[i], prep.image_size, prep.crop_size, prep.max_pixels)
+        return load_preprocessed(items[i], names[i], prep.image_size, prep.crop_size, prep.max_pixels, prep.geometry)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         for start in range(0, len(items), batch_size):

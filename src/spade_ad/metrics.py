@@ -122,18 +122,29 @@ def image_auroc(labels, scores) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def pixel_auroc(masks, maps) -> float:
+def _valid_input(valid, shape: tuple[int, ...], name: str) -> np.ndarray | None:
+    if valid is None:
+        return None
+    valid = np.asarray(valid, dtype=bool)
+    if valid.shape != shape:
+        raise ValueError(f"{name}: valid must have the maps' shape {shape}, got {valid.shape}")
+    return valid
+
+
+def pixel_auroc(masks, maps, valid=None) -> float:
     """Pixel-level ROC-AUC over all pixels of all images.
 
-    ``masks`` (N, H, W) bool/0-1 ground truth, ``maps`` (N, H, W) anomaly scores.
+    ``masks`` (N, H, W) bool/0-1 ground truth, ``maps`` (N, H, W) anomaly scores; ``valid``
+    (N, H, W) bool, optional: count only these pixels (e.g. not the padding of ``geometry="pad"``).
     Raises ValueError on a shape mismatch or if the masks hold only one class.
     """
     masks, maps = _pixel_inputs(masks, maps, "pixel_auroc")
+    valid = _valid_input(valid, maps.shape, "pixel_auroc")
     # ravel() is a view for contiguous arrays: a full MVTec category is ~30M pixels, so we
     # avoid building per-image lists and concatenating them.
-    y_true = masks.ravel()
+    y_true, y_score = (masks.ravel(), maps.ravel()) if valid is None else (masks[valid], maps[valid])
     _require_both_classes(y_true, "pixel_auroc", "masks", "pixels")
-    return float(roc_auc_score(y_true, maps.ravel()))
+    return float(roc_auc_score(y_true, y_score))
 
 
 def roc_curve_points(labels, scores) -> tuple[np.ndarray, np.ndarray]:
@@ -146,18 +157,23 @@ def roc_curve_points(labels, scores) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- PRO
 
 
-def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(masks, maps, valid=None) -> tuple[np.ndarray, np.ndarray]:
     """Per-region overlap (PRO) curve as (fprs, pros), like MVTec's ``compute_pro``.
 
     Every threshold between distinct scores gives one point: FPR = fraction of all defect-free
     pixels (of all images, including images without any defect) scoring at or above it;
     PRO = mean over all 8-connected ground-truth regions of the fraction of the region scoring
     at or above it. Points are in increasing order and start at (0, 0) and end at (1, 1).
+    ``valid`` (N, H, W) bool, optional: count only these pixels, e.g. not the padding of
+    ``geometry="pad"`` (regions are the 8-connected components of ``mask & valid``).
     Raises ValueError if there is no defect region, no defect-free pixel, a non-finite score or
     a shape mismatch.
     """
     masks, maps = _pixel_inputs(masks, maps, "pro_curve")
-    if not np.isfinite(maps).all():
+    valid = _valid_input(valid, maps.shape, "pro_curve")
+    if valid is not None:
+        masks = masks & valid  # a defect pixel outside the valid area is not part of the image
+    if not np.isfinite(maps if valid is None else maps[valid]).all():
         # NaN would sort to one end and never tie with anything, silently bending the curve.
         raise ValueError("pro_curve: maps contain NaN or infinite values")
 
@@ -175,6 +191,9 @@ def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
         num_regions += n_regions
     # OK pixels are exactly those with label 0, i.e. not in the mask; images without a defect
     # contribute only here, to the FPR denominator.
+    if valid is not None:
+        # Pixels outside the valid area leave the curve: flatten to the valid ones only.
+        maps, masks, region_weight = maps[valid], masks[valid], region_weight[valid]
     num_ok = masks.size - int(np.count_nonzero(masks))
     if num_regions == 0:
         raise ValueError("pro_curve: the masks contain no defect region; PRO is undefined")
@@ -263,12 +282,12 @@ def trapezoid(x, y, x_max: float | None = None) -> float:
     return float(np.sum(0.5 * (y[1:] + y[:-1]) * (x[1:] - x[:-1])) + correction)
 
 
-def pro_auc(masks, maps, fpr_limit: float = 0.3) -> float:
+def pro_auc(masks, maps, fpr_limit: float = 0.3, valid=None) -> float:
     """Normalised area under the PRO curve up to ``fpr_limit`` (MVTec's AU-PRO, in [0, 1]).
 
     Dividing by ``fpr_limit`` makes a perfect detector score 1 whatever the limit.
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"pro_auc: fpr_limit must be in (0, 1], got {fpr_limit}")
-    fprs, pros = pro_curve(masks, maps)
+    fprs, pros = pro_curve(masks, maps, valid)
     return trapezoid(fprs, pros, x_max=fpr_limit) / fpr_limit

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .backbones import Backbone, backbone_info, build_backbone
 from .bank import FeatureBank, load_model_file, save_model_file
-from .data import DEFAULT_MAX_PIXELS, as_image_list, load_preprocessed
+from .data import DEFAULT_MAX_PIXELS, GEOMETRIES, as_image_list, item_size, load_preprocessed, valid_region
 from .errors import ModelFileError, NotFittedError, SpadeError, WeightsError
 from .features import Features, Preprocessing, extract_features
 from .maps import combine_levels, smooth
@@ -59,6 +59,9 @@ class Prediction:
     #: (N,) bool: whether the pixel stage ran. With ``segment_above``, images at or below it are not
     #: segmented and their ``anomaly_maps`` rows are NaN.
     segmented: np.ndarray | None = None
+    #: (N, crop, crop) bool where the map covers the image itself, not padding (``geometry="pad"``);
+    #: None when every pixel does (``geometry="squash"``). Pixel metrics and ``map_max`` use only these.
+    valid: np.ndarray | None = None
 
 
 @dataclass
@@ -112,6 +115,9 @@ class SPADE:
         features within +-R positions of its own (opt-in; for aligned objects; kappa must be 1).
     bank_dtype: ``"float32"`` or ``"float16"`` (opt-in: pixel features stored at half size; distances
         are still computed in float32).
+    geometry: ``"squash"`` (the paper: resize to a square whatever the aspect ratio) or ``"pad"``
+        (keep the aspect ratio, pad to a square; maps are valid only where the image is, see
+        :attr:`Prediction.valid`).
     """
 
     def __init__(
@@ -133,6 +139,7 @@ class SPADE:
         precision: str = "fp32",
         window: int | None = None,
         bank_dtype: str = "float32",
+        geometry: str = "squash",
     ) -> None:
         self.backbone = backbone
         self.k = k
@@ -151,6 +158,7 @@ class SPADE:
         self.precision = precision
         self.window = window
         self.bank_dtype = bank_dtype
+        self.geometry = geometry
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> SPADE:
@@ -190,12 +198,14 @@ class SPADE:
                 raise SpadeError(f"window must be None or an integer radius >= 0, got {self.window!r}")
             if self.kappa != 1:
                 raise SpadeError("window search finds one nearest feature per pixel: it needs kappa=1")
+        if self.geometry not in GEOMETRIES:
+            raise SpadeError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {self.geometry!r}")
         if self.bank_dtype not in BANK_DTYPES:
             raise SpadeError(f"bank_dtype must be one of {', '.join(BANK_DTYPES)}, got {self.bank_dtype!r}")
 
     @property
     def _prep(self) -> Preprocessing:
-        return Preprocessing(self.image_size, self.crop_size, self.max_pixels)
+        return Preprocessing(self.image_size, self.crop_size, self.max_pixels, self.geometry)
 
     def _get_backbone(self) -> Backbone:
         # Built lazily and cached: a loaded model rebuilds its backbone only when first used.
@@ -265,7 +275,8 @@ class SPADE:
     ) -> SPADE:
         """Set thresholds from normal images that are **not** in the bank (quantiles of their scores)."""
         pred = self.predict(normal_images)
-        self.thresholds_ = calibrate_thresholds(pred.image_scores, pred.anomaly_maps, image_quantile, pixel_quantile)
+        maps = pred.anomaly_maps if pred.valid is None else pred.anomaly_maps[pred.valid]
+        self.thresholds_ = calibrate_thresholds(pred.image_scores, maps, image_quantile, pixel_quantile)
         return self
 
     def set_thresholds(self, thresholds: Thresholds | None) -> SPADE:
@@ -307,6 +318,7 @@ class SPADE:
         neighbors = np.empty((n, self.k_), dtype=np.int64)
         maps = np.empty((n, self.crop_size, self.crop_size), dtype=np.float32)
         segmented = np.ones(n, dtype=bool)
+        valid = self.valid_regions(items, names)
         chunk = max(self.batch_size, 64)
         with tqdm(total=n, desc="predict", unit="img", disable=not self.progress, leave=False) as bar:
             for start in range(0, n, chunk):
@@ -324,9 +336,22 @@ class SPADE:
                     else:
                         maps[start + j] = self._anomaly_map(feats, j, nb[j])
                     bar.update(1)
-                scores[start:stop] = self._image_score(knn_score, maps[start:stop])
+                scores[start:stop] = self._image_score(
+                    knn_score, maps[start:stop], None if valid is None else valid[start:stop]
+                )
         flagged = None if self.thresholds_ is None else scores >= self.thresholds_.image
-        return Prediction(scores, maps, neighbors, names, flagged, segmented)
+        return Prediction(scores, maps, neighbors, names, flagged, segmented, valid)
+
+    def valid_regions(self, images: Any, names: Sequence[str] | None = None) -> np.ndarray | None:
+        """(N, crop, crop) bool: where each preprocessed image shows the image itself (None for
+        ``geometry="squash"``, where that is everywhere). Reads only image headers."""
+        if self.geometry == "squash":
+            return None
+        items, found = as_image_list(images) if names is None else (images, names)
+        return np.stack(
+            [valid_region(*item_size(it, nm), self.image_size, self.crop_size, self.geometry)
+             for it, nm in zip(items, found)]
+        )
 
     def _knn(self, global_: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """(kNN image score over the ``image_k_`` nearest, the ``k_`` nearest training indices)."""
@@ -334,10 +359,12 @@ class SPADE:
         # Paper: image score = mean squared Euclidean distance to the K nearest normal images.
         return dist2[:, : self.image_k_].mean(dim=1).numpy(), nb[:, : self.k_]
 
-    def _image_score(self, knn_score: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    def _image_score(self, knn_score: np.ndarray, maps: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """The configured image score from the kNN score and the (smoothed) anomaly maps."""
         if self.image_score == "knn":
             return knn_score
+        if valid is not None:
+            maps = np.where(valid, maps, -np.inf)  # padding is not part of the image
         map_max = maps.reshape(len(maps), -1).max(axis=1).astype(np.float64)
         return map_max if self.image_score == "map_max" else np.sqrt(knn_score) * map_max
 
@@ -389,7 +416,7 @@ class SPADE:
         path = self.bank_.paths[i]
         if path.startswith("array["):
             raise SpadeError(f"training image {i} was an in-memory array; its pixels were not kept")
-        return load_preprocessed(path, path, self.image_size, self.crop_size, self.max_pixels)
+        return load_preprocessed(path, path, self.image_size, self.crop_size, self.max_pixels, self.geometry)
 
     def explain(self, images: Any) -> list[Explanation]:
         """Why each image scored as it did: its nearest normal images and, at the finest level,
@@ -448,7 +475,8 @@ class SPADE:
             "preprocessing": {
                 "image_size": int(self.image_size),
                 "crop_size": int(self.crop_size),
-                "resize": "bilinear, to a square",
+                "resize": "bilinear, to a square" if self.geometry == "squash" else "bilinear, long side, padded",
+                "geometry": self.geometry,
                 "crop": "centre",
                 "mean": list(info.mean),
                 "std": list(info.std),
@@ -499,6 +527,7 @@ class SPADE:
                 precision=cfg.get("precision", "fp32"),
                 window=cfg.get("window"),
                 bank_dtype=cfg.get("bank_dtype", "float32"),
+                geometry=prep.get("geometry", "squash"),
             )
             expected_sha = cfg["weights_sha256"]
         except (KeyError, TypeError) as exc:
