@@ -115,15 +115,26 @@ def _request_body(field: str, many: bool) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": content}}
 
 
-def create_app(model: ModelSource, settings: ServiceSettings | None = None) -> FastAPI:
-    """The scoring service around ``model``: a fitted :class:`SPADE`, or a function returning one
-    (called once, in a background thread, so the server answers /healthz while it loads)."""
+def create_app(model: ModelSource, settings: ServiceSettings | None = None, load_before_serving: bool = False
+               ) -> FastAPI:
+    """The scoring service around ``model``: a fitted :class:`SPADE`, or a function returning one.
+
+    Loading and warm-up run in a background thread, so the server answers /healthz (and /readyz with
+    503) meanwhile. ``load_before_serving``: finish them before the server accepts connections instead;
+    used for ``--workers N``, where the processes share one socket and a worker must not take requests
+    while another one's readiness was what /readyz reported.
+    """
     settings = settings or ServiceSettings()
     svc = _Service(model, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
-        threading.Thread(target=svc.start, name="spade-model-loader", daemon=True).start()
+        if load_before_serving:
+            await asyncio.to_thread(svc.start)
+            if svc.error:
+                raise RuntimeError(svc.error)
+        else:
+            threading.Thread(target=svc.start, name="spade-model-loader", daemon=True).start()
         yield
         svc.close()
 

@@ -22,7 +22,7 @@ def app_from_env():  # noqa: ANN201 - FastAPI; imported lazily by uvicorn
     model_path = os.environ[ENV_MODEL]
     weights = os.environ.get(ENV_WEIGHTS) or None
     settings = ServiceSettings.from_json(os.environ[ENV_SETTINGS])
-    return create_app(lambda: SPADE.load(model_path, weights=weights), settings)
+    return create_app(lambda: SPADE.load(model_path, weights=weights), settings, load_before_serving=True)
 
 
 def run(model_path: Path, settings: ServiceSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
@@ -30,8 +30,9 @@ def run(model_path: Path, settings: ServiceSettings, host: str = "127.0.0.1", po
     """Serve ``model_path`` until interrupted.
 
     The model is loaded here first, so a bad model file or missing weights fail at once with a
-    one-line error rather than inside a server. With ``workers`` > 1 uvicorn starts that many processes,
-    each loading the model and batching its own requests (memory grows with N).
+    one-line error rather than inside a server. With ``workers`` > 1 uvicorn starts that many processes
+    on one socket, each loading the model before it accepts connections and batching its own requests
+    (memory and the queue limit are per process).
     """
     import uvicorn
 
