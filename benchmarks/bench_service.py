@@ -160,18 +160,59 @@ def flood(base: str, proc: subprocess.Popen, image: bytes, clients: int) -> dict
             "rss_after": _rss_mb(proc.pid), "stats": httpx.get(base + "/v1/stats", timeout=10).json()}
 
 
+@dataclass
+class Measured:
+    """One timed run of one mode, with the server's batching counters over it."""
+
+    mode: str
+    run: Run
+    mean_batch: float
+    busy_s: float
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.run.latencies_ms)
+
+    @property
+    def rps(self) -> float:
+        return self.run.answered / self.run.seconds
+
+
+def measure(mode: str, base: str, images: list[tuple[str, bytes]], clients: int, requests: int) -> Measured:
+    before = httpx.get(base + "/v1/stats").json()
+    run = load(base, images, clients, requests)
+    after = httpx.get(base + "/v1/stats").json()
+    batches = after["batches"] - before["batches"]
+    mean_batch = (after["images"] - before["images"]) / batches if batches else float("nan")
+    return Measured(mode, run, mean_batch, after["busy_seconds"] - before["busy_seconds"])
+
+
+def _row(label: str, ms: list[Measured]) -> str:
+    """One table row; with several runs, each figure is the median over them (errors and lost: totals)."""
+    med = statistics.median
+    lat = [m.run.latencies_ms for m in ms]
+    return (f"| {label} | {sum(m.run.planned for m in ms)} | {sum(m.run.errors for m in ms)} | "
+            f"{sum(m.run.lost for m in ms)} | {med(m.p50 for m in ms):.0f} | "
+            f"{med(_percentile(x, 95) for x in lat):.0f} | {med(_percentile(x, 99) for x in lat):.0f} | "
+            f"{med(m.rps for m in ms):.2f} | {med(m.mean_batch for m in ms):.2f} | "
+            f"{med(m.busy_s / m.run.answered * 1000 for m in ms):.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="Fitted model file (default: fit on --data).")
     ap.add_argument("--data", type=Path, default=DATA, help="MVTec category folder (default: transistor).")
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=100, help="Requests per client.")
-    ap.add_argument("--warmup", type=int, default=4, help="Requests sent before timing starts.")
+    ap.add_argument("--requests", type=int, default=100, help="Requests per client and run.")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="Runs per mode, alternating the modes (the table shows medians over the runs).")
+    ap.add_argument("--warmup", type=int, default=4, help="Requests sent to each server before timing starts.")
     ap.add_argument("--flood-clients", type=int, default=48)
     ap.add_argument("--flood-queue", type=int, default=4)
-    ap.add_argument("--torch-threads", type=int, default=None, help="Passed to the server (default: torch's).")
+    ap.add_argument("--torch-threads", type=int, default=None, help="Passed to the servers (default: torch's).")
     args = ap.parse_args()
 
+    load_start = os.getloadavg()[0]  # other work on the machine skews the figures: say how much there was
     test_images = sorted((args.data / "test").glob("*/*.png"))
     if not test_images:
         raise SystemExit(f"{args.data / 'test'}: no test images")
@@ -189,30 +230,39 @@ def main() -> None:
         extra = [] if args.torch_threads is None else ["--torch-threads", str(args.torch_threads)]
         modes = [("micro-batching (--max-batch 8 --batch-wait-ms 5)", ["--max-batch", "8", "--batch-wait-ms", "5"]),
                  ("no batching (--max-batch 1 --batch-wait-ms 0)", ["--max-batch", "1", "--batch-wait-ms", "0"])]
-        rows = []
-        for label, opts in modes:
-            with serve(model, *opts, *extra) as (base, _):
+        runs: dict[str, list[Measured]] = {label: [] for label, _ in modes}
+        # Both servers stay up and the modes alternate, so a burst of other load on the machine hits both.
+        with serve(model, *modes[0][1], *extra) as (base_a, _), serve(model, *modes[1][1], *extra) as (base_b, _):
+            bases = {modes[0][0]: base_a, modes[1][0]: base_b}
+            for base in bases.values():
                 load(base, images, 1, args.warmup)
-                before = httpx.get(base + "/v1/stats").json()
-                run = load(base, images, args.clients, args.requests)
-                after = httpx.get(base + "/v1/stats").json()
-            batches = after["batches"] - before["batches"]
-            mean_batch = (after["images"] - before["images"]) / batches if batches else float("nan")
-            rows.append((label, run, mean_batch))
-            print(f"{label}: done in {run.seconds:.1f} s", file=sys.stderr)
+            for r in range(args.repeat):
+                for label, base in bases.items():
+                    m = measure(label, base, images, args.clients, args.requests)
+                    runs[label].append(m)
+                    print(f"run {r + 1}, {label}: {m.run.seconds:.1f} s, {m.rps:.2f} req/s, p50 {m.p50:.0f} ms, "
+                          f"errors {m.run.errors} {m.run.statuses}", file=sys.stderr)
         with serve(model, "--queue-size", str(args.flood_queue), *extra) as (base, proc):
             fl = flood(base, proc, images[0][1], args.flood_clients)
 
-    print(f"\n{args.clients} concurrent clients x {args.requests} requests each "
-          f"({len(images)} transistor test images, 256x256 PNG, multipart), loopback, "
-          f"{os.cpu_count()} CPU cores\n")
-    print("| mode | requests | errors | lost | p50 ms | p95 ms | p99 ms | req/s | mean batch |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for label, run, mean_batch in rows:
-        lat = run.latencies_ms
-        print(f"| {label} | {run.planned} | {run.errors} | {run.lost} | {statistics.median(lat):.0f} | "
-              f"{_percentile(lat, 95):.0f} | {_percentile(lat, 99):.0f} | {run.answered / run.seconds:.2f} | "
-              f"{mean_batch:.2f} |")
+    print(f"\n{args.clients} concurrent clients x {args.requests} requests each, {args.repeat} run(s) per mode "
+          f"({len(images)} transistor test images, 256x256 PNG, multipart), loopback, {os.cpu_count()} CPU cores; "
+          f"load average (1 min) at start / end {load_start:.2f} / {os.getloadavg()[0]:.2f}\n")
+    header = ("| mode | requests | errors | lost | p50 ms | p95 ms | p99 ms | req/s | mean batch | model ms/image |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(header)
+    for label, ms in runs.items():
+        print(_row(label, ms))
+    if args.repeat > 1:
+        print("\nEach run:\n")
+        print(header)
+        for label, ms in runs.items():
+            for i, m in enumerate(ms):
+                print(_row(f"{label}, run {i + 1}", [m]))
+    bad = [(label, m.run) for label, ms in runs.items() for m in ms if m.run.errors]
+    if bad:
+        print("\nerror statuses: " + "; ".join(f"{label}: {run.statuses}, transport errors {run.transport_errors}, "
+                                            f"mismatched {run.mismatched}" for label, run in bad))
     codes = fl["codes"]
     other = [c for c in codes if c not in (200, 503)]
     print(f"\nFlood: {args.flood_clients} requests at once, --queue-size {args.flood_queue}\n")

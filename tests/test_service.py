@@ -38,6 +38,7 @@ from spade_ad.data import read_image, read_image_bytes
 from spade_ad.errors import ImageError, ImageTooLargeError
 from spade_ad.service import MicroBatcher, QueueFull, ServiceSettings, create_app
 from spade_ad.service.uploads import display_name
+from spade_ad.thresholds import Thresholds
 
 TRANSISTOR = DATASETS / "mvtec_ad" / "transistor"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -590,3 +591,35 @@ def test_several_worker_processes_each_load_the_model(model_file: Path, tmp_path
             assert _score(s, BENT)["image_score"] == reference
         stats = s.get("/v1/stats").json()
         assert stats["pid"] != s.proc.pid and stats["images"] >= 1  # answered by a worker, not the parent
+
+
+def test_padded_geometry_pictures_cover_the_image_only(tmp_path: Path):
+    """geometry="pad": the overlay is the model's own padded crop; outline and map_max ignore the padding."""
+    from conftest import make_image
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(3)
+    train = [make_image(rng, size=48)[8:40] for _ in range(6)]  # 32 x 48: wider than tall, so padded
+    model = SPADE(k=2, image_size=48, crop_size=48, geometry="pad").fit(train)
+    # A pixel threshold inside the range of the maps, so that there is an outline to check.
+    probe = model.predict([train[0]])
+    model.set_thresholds(Thresholds(image=0.0, pixel=float(np.median(probe.anomaly_maps[0][probe.valid[0]])),
+                                    source="test", n_images=1))
+    test = make_image(rng, size=48, defect=True)[8:40]
+    buf = io.BytesIO()
+    Image.fromarray(test).save(buf, "PNG")
+    pred = model.predict([read_image_bytes(buf.getvalue(), "t.png")])
+    assert pred.valid is not None and not pred.valid[0].all()  # there is padding
+    with _serve_in_thread(create_app(model, ServiceSettings(warmup=False))) as s:
+        r = s.post("/v1/score?map=true", files={"file": ("wide.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 200, r.text
+    res = r.json()
+    valid = pred.valid[0]
+    assert _rel(res["image_score"], float(pred.image_scores[0])) <= 1e-6
+    assert res["map_max"] == pytest.approx(float(pred.anomaly_maps[0][valid].max()))
+    outline = _decode_png(res["outline_png"])
+    assert outline.shape == (48, 48, 4) and not (outline[:, :, 3][~valid] > 0).any()
+    mask = (pred.anomaly_maps[0] >= model.thresholds_.pixel) & valid
+    assert res["anomalous_pixel_fraction"] == pytest.approx(mask.sum() / valid.sum())
+    overlay = _decode_png(res["overlay_png"])
+    assert overlay.shape == (48, 48, 3)

@@ -199,7 +199,8 @@ def create_app(model: ModelSource, settings: ServiceSettings | None = None, load
         s = b.stats
         return Stats(batches=s.batches, images=s.images, largest_batch=s.largest_batch,
                      mean_batch=s.images / s.batches if s.batches else 0.0, rejected_queue_full=s.rejected,
-                     skipped_timed_out=s.skipped_cancelled, failed=s.failed, admitted_now=b.admitted,
+                     skipped_timed_out=s.skipped_cancelled, failed=s.failed, busy_seconds=s.busy_seconds,
+                     slowest_batch_seconds=s.slowest_batch_seconds, admitted_now=b.admitted,
                      waiting_now=b.waiting, pid=os.getpid())
 
     @lru_cache(maxsize=128)
@@ -246,7 +247,7 @@ def create_app(model: ModelSource, settings: ServiceSettings | None = None, load
         res = ScoreResult(
             name=job.name, image_score=scored.image_score, is_anomalous=scored.is_anomalous,
             threshold=None if th is None else th.image, pixel_threshold=None if th is None else th.pixel,
-            map_max=float(scored.anomaly_map.max()), neighbours=neighbours, seconds=0.0,
+            map_max=scored.map_max, neighbours=neighbours, seconds=0.0,
         )
         if want_map:
             pics = render_pictures(m, job, scored)

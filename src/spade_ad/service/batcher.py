@@ -39,6 +39,8 @@ class BatcherStats:
     rejected: int = 0
     skipped_cancelled: int = 0
     failed: int = 0
+    busy_seconds: float = 0.0  # time spent inside score_batch
+    slowest_batch_seconds: float = 0.0
 
 
 class Admission:
@@ -160,11 +162,13 @@ class MicroBatcher(Generic[T, R]):
             self._score(live)
 
     def _score(self, live: list[tuple[T, Future[R]]]) -> None:
+        t0 = time.perf_counter()
         try:
             results = self._score_batch([item for item, _ in live])
             if len(results) != len(live):
                 raise RuntimeError(f"score_batch returned {len(results)} results for {len(live)} items")
         except BaseException as exc:  # noqa: BLE001 - every error must reach the waiting requests
+            self.stats.busy_seconds += time.perf_counter() - t0
             if len(live) == 1:
                 self.stats.failed += 1
                 live[0][1].set_exception(exc)
@@ -173,6 +177,9 @@ class MicroBatcher(Generic[T, R]):
             for one in live:
                 self._score([one])
             return
+        took = time.perf_counter() - t0
+        self.stats.busy_seconds += took
+        self.stats.slowest_batch_seconds = max(self.stats.slowest_batch_seconds, took)
         self.stats.batches += 1
         self.stats.images += len(live)
         self.stats.largest_batch = max(self.stats.largest_batch, len(live))

@@ -32,7 +32,7 @@ class ScoreResult(BaseModel):
     is_anomalous: bool | None = Field(description="image_score >= threshold; null when the model has no thresholds.")
     threshold: float | None = Field(description="The model's image-score threshold, if any.")
     pixel_threshold: float | None = Field(description="The model's anomaly-map threshold, if any.")
-    map_max: float = Field(description="Largest value of the anomaly map.")
+    map_max: float = Field(description="Largest value of the anomaly map (over the image itself, not padding).")
     neighbours: list[Neighbour] = Field(description="Nearest normal training images, nearest first.")
     anomaly_map_png: str | None = Field(None, description="map=true: the anomaly map as a grey 8-bit PNG (base64), "
                                                           "0..255 spanning map_range.")
@@ -40,8 +40,8 @@ class ScoreResult(BaseModel):
     outline_png: str | None = Field(None, description="map=true and a pixel threshold: transparent PNG with the "
                                                       "outline of the pixels at or above it.")
     map_range: list[float] | None = Field(None, description="map=true: [low, high] of the colour scale.")
-    anomalous_pixel_fraction: float | None = Field(None, description="map=true: share of pixels at or above the "
-                                                                     "pixel threshold.")
+    anomalous_pixel_fraction: float | None = Field(None, description="map=true: share of the image's pixels at or "
+                                                                     "above the pixel threshold.")
     correspondence_png: str | None = Field(None, description="explain=true: the image rebuilt from the normal "
                                                              "patches its pixels matched (base64 PNG).")
     seconds: float = Field(description="Time the server spent on the request (reading, queueing, scoring).")
@@ -83,6 +83,8 @@ class Stats(BaseModel):
     rejected_queue_full: int
     skipped_timed_out: int
     failed: int
+    busy_seconds: float = Field(description="Time the model worker spent scoring.")
+    slowest_batch_seconds: float
     admitted_now: int
     waiting_now: int
     pid: int = Field(description="The answering server process (with --workers N each has its own counters).")

@@ -39,6 +39,13 @@ class Scored:
     anomaly_map: np.ndarray  # (crop, crop) float32
     neighbors: np.ndarray  # (k,) training indices, nearest first
     explanation: Explanation | None
+    valid: np.ndarray | None = None  # (crop, crop) bool: the image itself, not padding (geometry="pad")
+
+    @property
+    def map_max(self) -> float:
+        """Largest anomaly-map value over the image's own pixels (as ``predict`` counts them)."""
+        amap = self.anomaly_map if self.valid is None else self.anomaly_map[self.valid]
+        return float(amap.max())
 
 
 def score_jobs(model: SPADE, jobs: list[Job]) -> list[Scored]:
@@ -49,10 +56,11 @@ def score_jobs(model: SPADE, jobs: list[Job]) -> list[Scored]:
     if want:
         explanations = dict(zip(want, model.explain([jobs[i].image for i in want])))
     out = []
+    valid = getattr(pred, "valid", None)
     for i in range(len(jobs)):
         flagged = None if pred.is_anomalous is None else bool(pred.is_anomalous[i])
         out.append(Scored(float(pred.image_scores[i]), flagged, pred.anomaly_maps[i], pred.neighbors[i],
-                          explanations.get(i)))
+                          explanations.get(i), None if valid is None else valid[i]))
     return out
 
 
@@ -70,7 +78,8 @@ def chw_to_uint8(image_chw: np.ndarray) -> np.ndarray:
 
 def map_range(anomaly_map: np.ndarray, pixel_threshold: float | None) -> tuple[float, float]:
     """The colour scale of the pictures: 0 to twice the pixel threshold (so the threshold sits mid-scale
-    and colours compare between parts) when the model has one, else the map's own minimum to maximum."""
+    and colours compare between parts) when the model has one, else the map's own minimum to maximum
+    (``anomaly_map``: the values that count, e.g. without padding)."""
     if pixel_threshold is not None and pixel_threshold > 0:
         return 0.0, 2.0 * float(pixel_threshold)
     return float(anomaly_map.min()), float(anomaly_map.max())
@@ -101,15 +110,18 @@ def render_pictures(model: SPADE, job: Job, scored: Scored) -> Pictures:
     outline of the pixels at or above the model's pixel threshold (if it has one)."""
     th = model.thresholds_
     pixel_th = None if th is None else th.pixel
-    amap = scored.anomaly_map
-    lo, hi = map_range(amap, pixel_th)
-    crop = preprocess(job.image, model.image_size, model.crop_size)  # the pixels the map is aligned with
+    amap, valid = scored.anomaly_map, scored.valid
+    lo, hi = map_range(amap if valid is None else amap[valid], pixel_th)
+    # The pixels the map is aligned with: the model's own preprocessing of the decoded upload.
+    crop = preprocess(job.image, model.image_size, model.crop_size, getattr(model, "geometry", "squash"))
     grey = (np.clip((amap - lo) / max(hi - lo, 1e-12), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     outline = fraction = None
     if pixel_th is not None:
         mask = amap >= pixel_th
+        if valid is not None:
+            mask &= valid  # padding is not part of the part
         outline = png_base64(outline_rgba(mask), "RGBA")
-        fraction = float(mask.mean())
+        fraction = float(mask.sum() / (mask.size if valid is None else max(int(valid.sum()), 1)))
     return Pictures(png_base64(grey, "L"), png_base64(heatmap_overlay(crop, amap, lo, hi)), outline, (lo, hi),
                     fraction)
 
