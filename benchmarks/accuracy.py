@@ -27,7 +27,6 @@ from spade_ad.evaluate import load_masks
 from spade_ad.maps import combine_levels, smooth
 from spade_ad.metrics import image_auroc, pixel_auroc, pro_auc
 from spade_ad.presets import PRESETS
-from spade_ad.search import nearest_distances
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 DATASETS = {"transistor": (DATA / "mvtec_ad", "transistor"), "magnetic_tile": (DATA, "magnetic_tile")}
@@ -42,25 +41,29 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ("levels: stride 16 only", {"levels": (3,)}),
     ("patch_size=3", {"patch_size": 3}),
     ("no centre crop (crop_size=256)", {"crop_size": 256}),
+    ("geometry: pad, no crop", {"geometry": "pad", "crop_size": 256}),
+    ("window search R=2", {"window": 2}),
     ("backbone: efficientnet_lite1", {"backbone": "efficientnet_lite1"}),
     ("backbone: efficientnet_lite2", {"backbone": "efficientnet_lite2"}),
 ] + [(f"preset: {name}", dict(params)) for name, params in PRESETS.items() if name != "paper"]
 
 # Settings that change the features themselves; rows agreeing on these share one extraction.
-FEATURE_KEYS = ("backbone", "image_size", "crop_size", "patch_size")
+FEATURE_KEYS = ("backbone", "image_size", "crop_size", "patch_size", "geometry")
 
 
 def run_group(ds, models: list[tuple[str, SPADE]]) -> list[dict[str, Any]]:
     """Evaluate models that share their features: extract once (all three levels), search each level once."""
     first = models[0][1]
     base = SPADE(backbone=first.backbone, image_size=first.image_size, crop_size=first.crop_size,
-                 patch_size=first.patch_size, k=max(m.k for _, m in models), levels=(1, 2, 3), progress=True)
+                 patch_size=first.patch_size, geometry=first.geometry, k=max(m.k for _, m in models),
+                 levels=(1, 2, 3), progress=True)
     base.fit(ds.train)
     t0 = time.perf_counter()
     feats, names = base._extract([t.path for t in ds.test], "test features")
     feat_s = (time.perf_counter() - t0) / len(names)
     labels = np.array([t.label for t in ds.test])
-    masks = load_masks(ds, base.image_size, base.crop_size)
+    masks = load_masks(ds, base.image_size, base.crop_size, base.geometry)
+    valid = base.valid_regions([t.path for t in ds.test])
     out = []
     level_cache: dict[tuple[int, int], tuple[list, float]] = {}
     for label, m in models:
@@ -70,15 +73,12 @@ def run_group(ds, models: list[tuple[str, SPADE]]) -> list[dict[str, Any]]:
         search_s = 0.0
         per_level = []
         for lv in m.levels:
-            key = (lv, m.k_)
+            key = (lv, m.k_, m.window)
             if key not in level_cache:
                 t = time.perf_counter()
-                maps_lv = []
-                for i in range(len(names)):
-                    q = feats.levels[lv - 1][i]
-                    h, w, c = q.shape
-                    gal = base.bank_.levels[lv - 1][nb[i]].reshape(-1, c)
-                    maps_lv.append(nearest_distances(q.reshape(-1, c), gal).reshape(h, w))
+                # The model's own search (exact, or its window), on the shared bank's level lv.
+                maps_lv = [m._level_maps([feats.levels[lv - 1][i]], nb[i], level_index=[lv - 1])[0][0]
+                           for i in range(len(names))]
                 level_cache[key] = (maps_lv, (time.perf_counter() - t) / len(names))
             per_level.append(level_cache[key][0])
             search_s += level_cache[key][1]
@@ -86,9 +86,10 @@ def run_group(ds, models: list[tuple[str, SPADE]]) -> list[dict[str, Any]]:
         maps = np.stack([smooth(combine_levels([pl[i] for pl in per_level], m.crop_size).numpy(), m.sigma)
                          for i in range(len(names))])
         finish_s = (time.perf_counter() - t) / len(names)
-        scores = m._image_score(knn, maps)
-        out.append(dict(setting=label, image_auroc=image_auroc(labels, scores), pixel_auroc=pixel_auroc(masks, maps),
-                        pro=pro_auc(masks, maps), s_img=feat_s + search_s + finish_s))
+        scores = m._image_score(knn, maps, valid)
+        out.append(dict(setting=label, image_auroc=image_auroc(labels, scores),
+                        pixel_auroc=pixel_auroc(masks, maps, valid=valid), pro=pro_auc(masks, maps, valid=valid),
+                        s_img=feat_s + search_s + finish_s))
     return out
 
 
