@@ -6,16 +6,17 @@ tile's squared distances come out of **one** matrix product of augmented matrice
 
     [q, |q|^2, 1] @ [-2g, 1, |g|^2]^T = |q|^2 + |g|^2 - 2 q.g = |q - g|^2
 
-(no separate pass to add the norms), and only a running minimum is kept. Because the products are
-squared distances (non-negative but for rounding), the minimum is taken on the bits read as integers,
-which orders non-negative IEEE floats exactly as their values and is ~1.5x (float32) to ~6x (bfloat16)
-cheaper than a floating-point ``amin`` on this kind of CPU. The tile that won is remembered and the
-distance is recomputed in float64 inside it, so the reported value is exact for the chosen neighbour.
-Only between neighbours tied to within float32 rounding (bfloat16 rounding with ``precision="bf16"``)
-can the choice differ from a float64 brute force, and then the distance differs by that rounding.
+(no separate pass to add the norms), and only each tile's row minima are kept. Because the products
+are squared distances (non-negative but for rounding), the minimum is taken on the bits read as
+integers, which orders non-negative IEEE floats exactly as their values and is cheaper than a
+floating-point ``amin`` (much cheaper for bfloat16). Inside the tile that won, the same products
+give the nearest row, and its distance is then computed directly in float64, so the reported value
+is exact for the chosen neighbour. Only between neighbours tied to within float32 rounding
+(bfloat16 rounding with ``precision="bf16"``) can the choice differ from a float64 brute force,
+and then the distance differs by that rounding.
 
-Options that change the answer are opt-in: ``precision="bf16"`` (bfloat16 products, ~2.3x faster on
-wide features) and :func:`window_distances` (match only within +-R positions, as PatchMatch does).
+Options that change the answer are opt-in: ``precision="bf16"`` (bfloat16 products choose the
+winning tile) and :func:`window_distances` (match only within +-R positions, as PatchMatch does).
 """
 
 from __future__ import annotations
@@ -80,74 +81,73 @@ def knn_images(
     return vals[:, :k], idx[:, :k]
 
 
-def _centred(queries: torch.Tensor, gallery: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both sets shifted by the gallery mean: distances unchanged, norms (and cancellation) smaller."""
+def _check(queries: torch.Tensor, gallery: torch.Tensor) -> None:
     if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
         raise ValueError(f"shapes {tuple(queries.shape)} and {tuple(gallery.shape)} do not match")
     if gallery.shape[0] == 0 or queries.shape[0] == 0:
         raise ValueError("empty queries or gallery")
-    g = gallery.to(torch.float32)
-    mu = g.mean(dim=0, keepdim=True)
-    return (queries.to(torch.float32) - mu).contiguous(), (g - mu).contiguous()
 
 
-def _augment(x: torch.Tensor, scale: float, norm_last: bool, dtype: torch.dtype) -> torch.Tensor:
-    """Rows [scale * x, |x|^2, 1] (``norm_last=False``) or [scale * x, 1, |x|^2], row-major, so that
-    ``aug(q, 1, False) @ aug(g, -2, True).T`` is the squared distance matrix.
+def _width(c: int) -> int:
+    # Wide features get their inner dimension padded with zeros to a multiple of 16, which keeps
+    # the GEMM kernels on their fast path (the zeros change no value).
+    return c + 2 if c < 128 else -(-(c + 2) // 16) * 16
 
-    Wide features get their inner dimension padded with zeros to a multiple of 16, which keeps the
-    GEMM kernels on their fast path (the zeros change no value).
+
+def _augment(x: torch.Tensor, mu: torch.Tensor, gallery_side: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Rows whose products are squared distances, built in three passes over ``x``.
+
+    Centring on the gallery mean ``mu`` leaves distances unchanged and makes the norms (and so the
+    float32 cancellation of the expansion) smaller. Query side: ``[x - mu, |x - mu|^2, 1]``;
+    gallery side: ``[-2 (x - mu), 1, |x - mu|^2]``; so ``q_aug @ g_aug.T = |q - g|^2``.
     """
     n, c = x.shape
-    width = c + 2 if c < 128 else -(-(c + 2) // 16) * 16
-    out = torch.zeros((n, width), dtype=torch.float32)
-    out[:, :c] = x
-    out[:, c + int(norm_last)] = torch.linalg.vector_norm(x, dim=1).square_()
-    out[:, c + 1 - int(norm_last)] = 1.0
-    if scale != 1.0:
-        out[:, :c] *= scale
-    return out.to(dtype)
+    out = torch.empty((n, _width(c)), dtype=torch.float32)
+    body = out[:, :c]
+    scale = -2.0 if gallery_side else 1.0
+    torch.add(-scale * mu, x, alpha=scale, out=body)  # scale * (x - mu), written in place
+    sq = torch.linalg.vector_norm(body, dim=1).square_()
+    if gallery_side:
+        sq.mul_(0.25)
+    out[:, c] = 1.0 if gallery_side else sq
+    out[:, c + 1] = sq if gallery_side else 1.0
+    out[:, c + 2 :] = 0.0
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
-def _winning_tiles(qa: torch.Tensor, ga: torch.Tensor, tiles: Tiles) -> torch.Tensor:
-    """Start row of the gallery tile that holds each query's smallest product (running minimum).
+def _winning_tiles(qa: torch.Tensor, gaT: torch.Tensor, tiles: Tiles) -> torch.Tensor:
+    """Start row of the gallery tile that holds each query's smallest product.
 
-    ``qa`` (M, W) and ``ga`` (G, W) augmented rows; each tile is one ``qa_i @ ga_j.T`` product (a
-    contiguous block of gallery rows, which BLAS reads without a copy).
+    ``qa`` (M, W) augmented queries, ``gaT`` (W, G) augmented gallery, transposed once so that every
+    tile is a plain ``qa_i @ gaT[:, j:j+tg]`` product (the layout BLAS handles fastest for a short
+    inner dimension). Each tile's row minima go into one (tiles, rows) matrix; the winning tile is
+    its argmin at the end, so the loop does no bookkeeping per tile.
     """
     int_view = torch.int16 if qa.dtype == torch.bfloat16 else torch.int32
-    n_q, n_g = qa.shape[0], ga.shape[0]
+    n_q, n_g = qa.shape[0], gaT.shape[1]
+    starts = list(range(0, n_g, tiles.g))
     out_tile = torch.empty(n_q, dtype=torch.long)
     buf = torch.empty((min(tiles.q, n_q), min(tiles.g, n_g)), dtype=qa.dtype)
+    mins = torch.empty((len(starts), min(tiles.q, n_q)), dtype=int_view)
     for i in range(0, n_q, tiles.q):
         qi = qa[i : i + tiles.q]
-        best = torch.full((qi.shape[0],), torch.iinfo(int_view).max, dtype=int_view)
-        best_tile = torch.zeros(qi.shape[0], dtype=torch.long)
-        for j in range(0, n_g, tiles.g):
-            gj = ga[j : j + tiles.g]
-            part = buf[: qi.shape[0], : gj.shape[0]]
-            torch.mm(qi, gj.T, out=part)
+        rows = qi.shape[0]
+        for t, j in enumerate(starts):
+            gj = gaT[:, j : j + tiles.g]
+            part = buf[:rows, : gj.shape[1]]
+            torch.mm(qi, gj, out=part)
             # Non-negative floats order as their bit patterns do; a rounding-negative value (a distance
             # of ~0) reads as a very negative integer and so also wins, which is the right answer.
-            m = part.view(int_view).amin(dim=1)
-            better = m < best
-            best_tile = torch.where(better, j, best_tile)
-            best = torch.where(better, m, best)
-        out_tile[i : i + tiles.q] = best_tile
+            torch.amin(part.view(int_view), dim=1, out=mins[t, :rows])
+        # First tile among equal minima, as a brute force keeps the first row among exact ties.
+        out_tile[i : i + rows] = mins[:, :rows].argmin(dim=0) * tiles.g
     return out_tile
 
 
-def _refine_in_tile(
-    q: torch.Tensor, g: torch.Tensor, qa: torch.Tensor, ga: torch.Tensor, tile_start: torch.Tensor, tile_g: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query's nearest row inside its winning gallery tile, and the exact (float64) squared
-    distance to it.
-
-    The row is the argmin of the same float32 products (one small GEMM per distinct winning tile,
-    queries grouped by tile); its distance is then computed directly, ``sum((q - g)^2)`` in float64,
-    which has no cancellation at all.
-    """
-    idx = torch.empty(q.shape[0], dtype=torch.long)
+def _argmin_in_tile(qa: torch.Tensor, gaT: torch.Tensor, tile_start: torch.Tensor, tile_g: int) -> torch.Tensor:
+    """Each query's nearest gallery row inside its winning tile: the argmin of the same products, one
+    small GEMM per distinct winning tile (queries grouped by tile)."""
+    idx = torch.empty(qa.shape[0], dtype=torch.long)
     int_view = torch.int16 if qa.dtype == torch.bfloat16 else torch.int32
     order = torch.argsort(tile_start, stable=True)
     starts, counts = torch.unique_consecutive(tile_start[order], return_counts=True)
@@ -155,10 +155,9 @@ def _refine_in_tile(
     for j, n in zip(starts.tolist(), counts.tolist()):
         rows = order[pos : pos + n]
         pos += n
-        part = torch.mm(qa[rows], ga[j : j + tile_g].T)
+        part = torch.mm(qa[rows], gaT[:, j : j + tile_g])
         idx[rows] = part.view(int_view).argmin(dim=1) + j
-    diff = q.to(torch.float64) - g[idx].to(torch.float64)
-    return (diff * diff).sum(1), idx
+    return idx
 
 
 def nearest_neighbors(
@@ -176,13 +175,19 @@ def nearest_neighbors(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    q, g = _centred(queries, gallery)
+    _check(queries, gallery)
+    q, g = queries.to(torch.float32), gallery.to(torch.float32)
+    mu = g.mean(dim=0)
     tiles = tiles or tiles_for(q.shape[1], precision)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    qa, ga = _augment(q, 1.0, False, dtype), _augment(g, -2.0, True, dtype)
-    tile_start = _winning_tiles(qa, ga, tiles)
-    d2, idx = _refine_in_tile(q, g, qa, ga, tile_start, tiles.g)
-    return d2.sqrt_().to(torch.float32), idx
+    qa, ga = _augment(q, mu, False, dtype), _augment(g, mu, True, dtype)
+    # Short inner dimension: a contiguous transposed copy (plain NN products, fastest); wide features:
+    # a transposed view (NT products, no copy of a large gallery; the GEMM dominates anyway).
+    gaT = ga.T.contiguous() if q.shape[1] < 128 else ga.T
+    idx = _argmin_in_tile(qa, gaT, _winning_tiles(qa, gaT, tiles), tiles.g)
+    # The chosen row's distance, directly and in float64: no cancellation at all.
+    diff = q.to(torch.float64) - g[idx].to(torch.float64)
+    return (diff * diff).sum(1).sqrt_().to(torch.float32), idx
 
 
 def nearest_distances(
@@ -200,10 +205,12 @@ def nearest_distances(
     """
     if kappa == 1:
         return nearest_neighbors(queries, gallery, precision, tiles)[0]
-    q, g = _centred(queries, gallery)
+    _check(queries, gallery)
+    q, g = queries.to(torch.float32), gallery.to(torch.float32)
+    mu = g.mean(dim=0)
     tiles = tiles or tiles_for(q.shape[1])
     kappa = min(kappa, g.shape[0])
-    qa, ga = _augment(q, 1.0, False, torch.float32), _augment(g, -2.0, True, torch.float32)
+    qa, ga = _augment(q, mu, False, torch.float32), _augment(g, mu, True, torch.float32)
     out = torch.empty((q.shape[0], kappa))
     for i in range(0, q.shape[0], tiles.q):
         best: torch.Tensor | None = None
