@@ -7,4 +7,4 @@ from .app import create_app
 from .batcher import MicroBatcher, QueueFull
 from .settings import ServiceSettings
 
-__all__ = ["create_app", "MicroBatcher", "QueueFull", "ServiceSettings"]
+__all__ = ["MicroBatcher", "QueueFull", "ServiceSettings", "create_app"]

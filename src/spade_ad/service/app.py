@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import lru_cache, partial
 from importlib import resources
@@ -128,7 +128,7 @@ def create_app(model: ModelSource, settings: ServiceSettings | None = None, load
     svc = _Service(model, settings)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):  # noqa: ANN202
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if load_before_serving:
             await asyncio.to_thread(svc.start)
             if svc.error:

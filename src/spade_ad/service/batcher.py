@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Self, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -62,7 +62,7 @@ class Admission:
         if n:
             self._batcher._unreserve(n)
 
-    def __enter__(self) -> Admission:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

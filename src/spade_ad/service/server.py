@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..model import SPADE
 from .settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 # With several worker processes uvicorn imports the app by name in each of them; these carry the
 # model file and settings there (set by :func:`run`, read by :func:`app_from_env`).
@@ -15,7 +19,7 @@ ENV_WEIGHTS = "SPADE_AD_SERVE_WEIGHTS"
 ENV_SETTINGS = "SPADE_AD_SERVE_SETTINGS"
 
 
-def app_from_env():  # noqa: ANN201 - FastAPI; imported lazily by uvicorn
+def app_from_env() -> FastAPI:
     """App factory for uvicorn worker processes: each loads its own copy of the model."""
     from .app import create_app
 
@@ -42,8 +46,8 @@ def run(model_path: Path, settings: ServiceSettings, host: str = "127.0.0.1", po
     # uvicorn answers 503 itself beyond this many concurrent connections+tasks: a backstop in front of
     # the image queue for clients that open connections without sending anything.
     limit_concurrency = max(64, 4 * settings.queue_size)
-    common = dict(host=host, port=port, log_level=log_level, access_log=access_log,
-                  limit_concurrency=limit_concurrency, timeout_keep_alive=5)
+    common = {"host": host, "port": port, "log_level": log_level, "access_log": access_log,
+              "limit_concurrency": limit_concurrency, "timeout_keep_alive": 5}
     if workers == 1:
         uvicorn.run(create_app(model, settings), **common)
         return
