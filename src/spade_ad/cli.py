@@ -425,7 +425,7 @@ def ablate(root: Path, category: str, json_path: Path | None, markdown_path: Pat
               show_default=True, help="Seconds before a request is answered 504.")
 @click.option("--max-upload-bytes", type=click.IntRange(min=1), default=16 * 1024 * 1024, show_default=True,
               help="Largest encoded image accepted (413 above).")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=40_000_000, show_default=True,
+@click.option("--max-pixels", type=click.IntRange(min=1), default=16_000_000, show_default=True,
               help="Largest image in pixels, checked before decoding (413 above).")
 @click.option("--max-batch-images", type=click.IntRange(min=1), default=16, show_default=True,
               help="Most images in one /v1/score/batch request.")

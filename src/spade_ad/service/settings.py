@@ -35,7 +35,7 @@ class ServiceSettings:
     queue_size: int = 32
     request_timeout_s: float = 30.0
     max_upload_bytes: int = 16 * 1024 * 1024
-    max_pixels: int = 40_000_000
+    max_pixels: int = 16_000_000  # 4000x4000; decoded float RGB is 12 bytes a pixel
     max_batch_images: int = 16
     torch_threads: int | None = None
     warmup: bool = True
