@@ -69,7 +69,7 @@ def run_group(ds, models: list[tuple[str, SPADE]]) -> list[dict[str, Any]]:
     for label, m in models:
         m.bank_ = base.bank_  # same training features
         m.k_, m.image_k_ = min(m.k, len(base.bank_)), min(m.image_k or m.k, len(base.bank_))
-        knn, nb = m._knn(feats.global_)
+        knn, nb, _ = m._knn(feats.global_)
         search_s = 0.0
         per_level = []
         for lv in m.levels:

@@ -188,7 +188,7 @@ def main() -> None:
     model = SPADE().fit([t for t in ds.train])
     g, lv = model.extract(test_paths)
     levels = [x.permute(0, 2, 3, 1).contiguous() for x in lv]
-    _, nbs = model._knn(g)
+    _, nbs, _ = model._knn(g)
     masks = load_masks(ds, model.image_size, model.crop_size)
     rows = [("ours, exact fp32", no_setup, None), ("ours, bf16 products (opt-in)", set_attr(precision="bf16"), None),
             ("ours, float16 bank (opt-in)", half_bank, None)]
@@ -205,7 +205,7 @@ def main() -> None:
     wrn = SPADE(backbone="wide_resnet50_2", weights="random", batch_size=4).fit(ds.train[:50])
     g, lv = wrn.extract(test_paths[: args.n_wrn])
     levels = [x.permute(0, 2, 3, 1).contiguous() for x in lv]
-    _, nbs = wrn._knn(g)
+    _, nbs, _ = wrn._knn(g)
     rows = [("ours, exact fp32", no_setup, None), ("ours, bf16 products (opt-in)", set_attr(precision="bf16"), None)]
     rows += [(f"ours, window R={r} (opt-in)", set_attr(window=r), None) for r in radii]
     rows += faiss_row()

@@ -232,7 +232,9 @@ def test_score_matches_cli_predict(server: Server, model: SPADE, model_file: Pat
             assert res["threshold"] == model.thresholds_.image and res["name"] == path.name
             assert [n["index"] for n in res["neighbours"]] == expected.neighbors[i][:5].tolist()
             assert [n["path"] for n in res["neighbours"]] == [model.train_paths_[j] for j in expected.neighbors[i][:5]]
-            assert all(n["distance"] is None for n in res["neighbours"])  # only with explain=true
+            # Squared global distances, as predict gives them (no explain needed).
+            for n, d in zip(res["neighbours"], expected.neighbor_sq_distances[i][:5]):
+                assert _rel(n["distance"], float(d)) <= 1e-6
             assert abs(res["map_max"] - float(expected.anomaly_maps[i].max())) <= 1e-6 * res["map_max"]
             assert 0 < res["seconds"] < 60
         flagged += multipart["is_anomalous"]

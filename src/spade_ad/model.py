@@ -62,6 +62,8 @@ class Prediction:
     #: (N, crop, crop) bool where the map covers the image itself, not padding (``geometry="pad"``);
     #: None when every pixel does (``geometry="squash"``). Pixel metrics and ``map_max`` use only these.
     valid: np.ndarray | None = None
+    #: (N, k) float64 squared Euclidean distances of the global features to ``neighbors``.
+    neighbor_sq_distances: np.ndarray | None = None
 
 
 @dataclass
@@ -316,6 +318,7 @@ class SPADE:
         n = len(names)
         scores = np.empty(n, dtype=np.float64)
         neighbors = np.empty((n, self.k_), dtype=np.int64)
+        nb_dist2 = np.empty((n, self.k_), dtype=np.float64)
         maps = np.empty((n, self.crop_size, self.crop_size), dtype=np.float32)
         segmented = np.ones(n, dtype=bool)
         valid = self.valid_regions(items, names)
@@ -327,8 +330,9 @@ class SPADE:
                     self._get_backbone(), items[start:stop], names[start:stop], self._prep,
                     tuple(self.levels), self.batch_size, progress=False, patch_size=self.patch_size,
                 )
-                knn_score, nb = self._knn(feats.global_)
+                knn_score, nb, dist2 = self._knn(feats.global_)
                 neighbors[start:stop] = nb.numpy()
+                nb_dist2[start:stop] = dist2
                 for j in range(stop - start):
                     if segment_above is not None and not knn_score[j] > segment_above:
                         segmented[start + j] = False
@@ -340,7 +344,7 @@ class SPADE:
                     knn_score, maps[start:stop], None if valid is None else valid[start:stop]
                 )
         flagged = None if self.thresholds_ is None else scores >= self.thresholds_.image
-        return Prediction(scores, maps, neighbors, names, flagged, segmented, valid)
+        return Prediction(scores, maps, neighbors, names, flagged, segmented, valid, nb_dist2)
 
     def valid_regions(self, images: Any, names: Sequence[str] | None = None) -> np.ndarray | None:
         """(N, crop, crop) bool: where each preprocessed image shows the image itself (None for
@@ -353,11 +357,12 @@ class SPADE:
              for it, nm in zip(items, found)]
         )
 
-    def _knn(self, global_: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-        """(kNN image score over the ``image_k_`` nearest, the ``k_`` nearest training indices)."""
+    def _knn(self, global_: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+        """(kNN image score over the ``image_k_`` nearest, the ``k_`` nearest training indices, their
+        squared global distances)."""
         dist2, nb = knn_images(global_, self.bank_.global_, max(self.k_, self.image_k_), self.bank_.global_sq_norms())
         # Paper: image score = mean squared Euclidean distance to the K nearest normal images.
-        return dist2[:, : self.image_k_].mean(dim=1).numpy(), nb[:, : self.k_]
+        return dist2[:, : self.image_k_].mean(dim=1).numpy(), nb[:, : self.k_], dist2[:, : self.k_].numpy()
 
     def _image_score(self, knn_score: np.ndarray, maps: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """The configured image score from the kNN score and the (smoothed) anomaly maps."""

@@ -240,7 +240,8 @@ def create_app(model: ModelSource, settings: ServiceSettings | None = None, load
         e = scored.explanation
         neighbours = [
             Neighbour(index=int(j), path=names[int(j)],
-                      distance=None if e is None else float(e.neighbor_sq_distances[r]))
+                      distance=float(scored.neighbor_sq_distances[r]) if scored.neighbor_sq_distances is not None
+                      else None if e is None else float(e.neighbor_sq_distances[r]))
             for r, j in enumerate(scored.neighbors[:n_neighbours])
         ]
         th = m.thresholds_

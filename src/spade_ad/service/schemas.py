@@ -20,8 +20,7 @@ class Neighbour(BaseModel):
     path: str = Field(description="The training image's name as stored in the model (a server-side path; "
                                   "informational only).")
     distance: float | None = Field(description="Squared Euclidean distance between the global feature vectors "
-                                               "(the kNN image score is the mean of these over the k nearest). "
-                                               "Null unless explain=true.")
+                                               "(the kNN image score is the mean of these over the k nearest).")
 
 
 class ScoreResult(BaseModel):

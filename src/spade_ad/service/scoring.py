@@ -40,6 +40,7 @@ class Scored:
     neighbors: np.ndarray  # (k,) training indices, nearest first
     explanation: Explanation | None
     valid: np.ndarray | None = None  # (crop, crop) bool: the image itself, not padding (geometry="pad")
+    neighbor_sq_distances: np.ndarray | None = None  # (k,) squared global distances, as predict gives
 
     @property
     def map_max(self) -> float:
@@ -60,7 +61,8 @@ def score_jobs(model: SPADE, jobs: list[Job]) -> list[Scored]:
     for i in range(len(jobs)):
         flagged = None if pred.is_anomalous is None else bool(pred.is_anomalous[i])
         out.append(Scored(float(pred.image_scores[i]), flagged, pred.anomaly_maps[i], pred.neighbors[i],
-                          explanations.get(i), None if valid is None else valid[i]))
+                          explanations.get(i), None if valid is None else valid[i],
+                          None if pred.neighbor_sq_distances is None else pred.neighbor_sq_distances[i]))
     return out
 
 
