@@ -429,9 +429,7 @@ class SPADE:
         self._check_fitted()
         self._validate()
         feats, names = self._extract(images, "explain")
-        dist2, nb = knn_images(feats.global_, self.bank_.global_, max(self.k_, self.image_k_))
-        knn_score = dist2[:, : self.image_k_].mean(dim=1)
-        dist2, nb = dist2[:, : self.k_], nb[:, : self.k_]
+        knn_score, nb, dist2 = self._knn(feats.global_)  # the same search (and cached norms) as predict
         finest = int(np.argmin(self.levels))  # smallest level number = smallest stride
         out = []
         for i, name in enumerate(names):
@@ -445,7 +443,7 @@ class SPADE:
                     name=name,
                     knn_score=float(knn_score[i]),
                     neighbors=nb[i].numpy().astype(np.int64),
-                    neighbor_sq_distances=dist2[i].numpy(),
+                    neighbor_sq_distances=dist2[i],
                     level=int(self.levels[finest]),
                     source_image=nb[i][rank].numpy().astype(np.int64),
                     source_y=(rest // w).numpy().astype(np.int64),
