@@ -115,6 +115,16 @@ def _augment(x: torch.Tensor, mu: torch.Tensor, gallery_side: bool, dtype: torch
     return out if dtype == torch.float32 else out.to(dtype)
 
 
+def _augmented_pair(
+    queries: torch.Tensor, gallery: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checked float32 (queries, gallery) and their augmented rows, centred on the gallery mean."""
+    _check(queries, gallery)
+    q, g = queries.to(torch.float32), gallery.to(torch.float32)
+    mu = g.mean(dim=0)
+    return q, g, _augment(q, mu, False, dtype), _augment(g, mu, True, dtype)
+
+
 def _winning_tiles(qa: torch.Tensor, gaT: torch.Tensor, tiles: Tiles) -> torch.Tensor:
     """Start row of the gallery tile that holds each query's smallest product.
 
@@ -175,12 +185,8 @@ def nearest_neighbors(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    _check(queries, gallery)
-    q, g = queries.to(torch.float32), gallery.to(torch.float32)
-    mu = g.mean(dim=0)
+    q, g, qa, ga = _augmented_pair(queries, gallery, torch.bfloat16 if precision == "bf16" else torch.float32)
     tiles = tiles or tiles_for(q.shape[1], precision)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    qa, ga = _augment(q, mu, False, dtype), _augment(g, mu, True, dtype)
     # Short inner dimension: a contiguous transposed copy (plain NN products, fastest); wide features:
     # a transposed view (NT products, no copy of a large gallery; the GEMM dominates anyway).
     gaT = ga.T.contiguous() if q.shape[1] < 128 else ga.T
@@ -205,12 +211,9 @@ def nearest_distances(
     """
     if kappa == 1:
         return nearest_neighbors(queries, gallery, precision, tiles)[0]
-    _check(queries, gallery)
-    q, g = queries.to(torch.float32), gallery.to(torch.float32)
-    mu = g.mean(dim=0)
+    q, g, qa, ga = _augmented_pair(queries, gallery, torch.float32)
     tiles = tiles or tiles_for(q.shape[1])
     kappa = min(kappa, g.shape[0])
-    qa, ga = _augment(q, mu, False, torch.float32), _augment(g, mu, True, torch.float32)
     out = torch.empty((q.shape[0], kappa))
     for i in range(0, q.shape[0], tiles.q):
         best: torch.Tensor | None = None
