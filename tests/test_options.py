@@ -120,9 +120,10 @@ def test_cli_preset_with_an_explicit_override(image_dirs, tmp_path):
     train, _ = image_dirs
     out = tmp_path / "m.safetensors"
     r = CliRunner().invoke(main, ["fit", str(train), "--out", str(out), "--preset", "accurate", "--image-size", "48",
-                                  "--crop-size", "48", "--k", "2", "--patch-size", "5"])
+                                  "--crop-size", "48", "--k", "2", "--patch-size", "7"])
     assert r.exit_code == 0, r.output
     m = SPADE.load(out)
-    assert m.patch_size == 5  # given explicitly: overrides the preset's 3
+    assert m.patch_size == 7  # given explicitly: overrides the preset's 5
     assert tuple(m.levels) == tuple(PRESETS["accurate"]["levels"]) and m.image_score == "knn*map_max"
     assert m.k == 2
+    assert m.sigma == PRESETS["accurate"]["sigma"]  # not given: the preset's value

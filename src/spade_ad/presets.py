@@ -10,10 +10,16 @@ from typing import Any
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "accurate": {
-        # Locally aware features (3x3 average), the two coarser pyramid levels (the embedded backbone's
-        # stride-4 block has only 24 channels and mostly adds noise), an image score that multiplies
-        # the global kNN evidence (from the 5 nearest images) with the strongest local evidence.
-        "patch_size": 3,
+        # Resolution 320 -> crop 280 (the paper's 256 -> 224 ratio): small defects (blowholes, cracks)
+        # cover more feature cells. Locally aware features (5x5 average: 14 % of the crop's width at
+        # stride 8, against 11 % for 3x3 at 224) lift pixel AUROC on large, low-contrast defects. Smoothing
+        # scaled with the crop (sigma 4 at 224 -> 5 at 280). The two coarser pyramid levels (the
+        # embedded backbone's 24-channel stride-4 block mostly adds noise). An image score that
+        # multiplies the global kNN evidence (from the 5 nearest images) with the strongest local one.
+        "image_size": 320,
+        "crop_size": 280,
+        "sigma": 5.0,
+        "patch_size": 5,
         "levels": (2, 3),
         "image_score": "knn*map_max",
         "image_k": 5,
