@@ -127,3 +127,16 @@ def test_cli_preset_with_an_explicit_override(image_dirs, tmp_path):
     assert tuple(m.levels) == tuple(PRESETS["accurate"]["levels"]) and m.image_score == "knn*map_max"
     assert m.k == 2
     assert m.sigma == PRESETS["accurate"]["sigma"]  # not given: the preset's value
+
+
+def test_cli_preset_crop_larger_than_a_given_image_size_names_the_preset(image_dirs, tmp_path):
+    from click.testing import CliRunner
+
+    from spade_ad.cli import main
+
+    train, _ = image_dirs
+    out = tmp_path / "m.safetensors"
+    r = CliRunner().invoke(main, ["fit", str(train), "--out", str(out), "--preset", "accurate", "--image-size", "48"])
+    assert r.exit_code == 2
+    assert "--preset accurate crops 280 px" in r.output and "--crop-size" in r.output
+    assert not out.exists()

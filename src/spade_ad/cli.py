@@ -109,6 +109,10 @@ def _make_model(opts: dict[str, Any], progress: bool = True) -> SPADE:
         given = ctx is None or ctx.get_parameter_source(key) is not click.core.ParameterSource.DEFAULT
         if key not in params or given:
             params[key] = opts[key]
+        elif key == "crop_size" and params[key] > params["image_size"]:
+            # Only the preset's crop is left over a smaller --image-size: say where the 280 came from.
+            raise SpadeError(f"--preset {opts['preset']} crops {params[key]} px, larger than --image-size "
+                             f"{params['image_size']}; give --crop-size too")
     return SPADE(**params, progress=progress)
 
 
