@@ -110,7 +110,7 @@ def _make_model(opts: dict[str, Any], progress: bool = True) -> SPADE:
         if key not in params or given:
             params[key] = opts[key]
         elif key == "crop_size" and params[key] > params["image_size"]:
-            # Only the preset's crop is left over a smaller --image-size: say where the 280 came from.
+            # Only the preset's crop is left over a smaller --image-size: say where the crop came from.
             raise SpadeError(f"--preset {opts['preset']} crops {params[key]} px, larger than --image-size "
                              f"{params['image_size']}; give --crop-size too")
     return SPADE(**params, progress=progress)
