@@ -138,5 +138,9 @@ def test_cli_preset_crop_larger_than_a_given_image_size_names_the_preset(image_d
     out = tmp_path / "m.safetensors"
     r = CliRunner().invoke(main, ["fit", str(train), "--out", str(out), "--preset", "accurate", "--image-size", "48"])
     assert r.exit_code == 2
-    assert "--preset accurate crops 280 px" in r.output and "--crop-size" in r.output
+    assert "preset 'accurate' crops 280 px" in r.output and "crop_size" in r.output
     assert not out.exists()
+    # The same error from the Python API; with crop_size given as well it is accepted.
+    with pytest.raises(SpadeError, match="preset 'accurate' crops 280 px, larger than image_size 256"):
+        SPADE.from_preset("accurate", image_size=256)
+    assert SPADE.from_preset("accurate", image_size=256, crop_size=224).crop_size == 224

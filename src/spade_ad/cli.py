@@ -103,17 +103,14 @@ _MODEL_KEYS = ("backbone", "weights", "k", "kappa", "levels", "sigma", "image_si
 
 def _make_model(opts: dict[str, Any], progress: bool = True) -> SPADE:
     """The model the options describe: the --preset's settings, overridden by options given explicitly."""
-    params = dict(PRESETS[opts["preset"]])
+    preset = PRESETS[opts["preset"]]
     ctx = click.get_current_context(silent=True)
-    for key in _MODEL_KEYS:
-        given = ctx is None or ctx.get_parameter_source(key) is not click.core.ParameterSource.DEFAULT
-        if key not in params or given:
-            params[key] = opts[key]
-        elif key == "crop_size" and params[key] > params["image_size"]:
-            # Only the preset's crop is left over a smaller --image-size: say where the crop came from.
-            raise SpadeError(f"--preset {opts['preset']} crops {params[key]} px, larger than --image-size "
-                             f"{params['image_size']}; give --crop-size too")
-    return SPADE(**params, progress=progress)
+
+    def given(key: str) -> bool:
+        return ctx is None or ctx.get_parameter_source(key) is not click.core.ParameterSource.DEFAULT
+
+    overrides = {key: opts[key] for key in _MODEL_KEYS if key not in preset or given(key)}
+    return SPADE.from_preset(opts["preset"], progress=progress, **overrides)
 
 
 def _handle_errors(f: Callable) -> Callable:

@@ -169,6 +169,10 @@ class SPADE:
 
         if name not in PRESETS:
             raise SpadeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        crop, size = PRESETS[name].get("crop_size"), overrides.get("image_size")
+        if crop is not None and "crop_size" not in overrides and isinstance(size, int) and crop > size:
+            # Only the preset's crop is left over a smaller image_size: say where the crop came from.
+            raise SpadeError(f"preset {name!r} crops {crop} px, larger than image_size {size}; give crop_size too")
         return cls(**{**PRESETS[name], **overrides})
 
     # ----------------------------------------------------------------------------------------
