@@ -47,8 +47,10 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ("backbone: efficientnet_lite1", {"backbone": "efficientnet_lite1"}),
     ("backbone: efficientnet_lite2", {"backbone": "efficientnet_lite2"}),
     # The accurate preset as first chosen (2026-11-28), before the resolution change: for comparison.
-    ("accurate at 256/224, patch_size=3", {"patch_size": 3, "levels": (2, 3), "image_score": "knn*map_max",
-                                           "image_k": 5}),
+    (
+        "accurate at 256/224, patch_size=3",
+        {"patch_size": 3, "levels": (2, 3), "image_score": "knn*map_max", "image_k": 5},
+    ),
 ] + [(f"preset: {name}", dict(params)) for name, params in PRESETS.items() if name != "paper"]
 
 # Settings that change the features themselves; rows agreeing on these share one extraction.
@@ -58,9 +60,16 @@ FEATURE_KEYS = ("backbone", "image_size", "crop_size", "patch_size", "geometry")
 def run_group(ds, models: list[tuple[str, SPADE]]) -> list[dict[str, Any]]:
     """Evaluate models that share their features: extract once (all three levels), search each level once."""
     first = models[0][1]
-    base = SPADE(backbone=first.backbone, image_size=first.image_size, crop_size=first.crop_size,
-                 patch_size=first.patch_size, geometry=first.geometry, k=max(m.k for _, m in models),
-                 levels=(1, 2, 3), progress=True)
+    base = SPADE(
+        backbone=first.backbone,
+        image_size=first.image_size,
+        crop_size=first.crop_size,
+        patch_size=first.patch_size,
+        geometry=first.geometry,
+        k=max(m.k for _, m in models),
+        levels=(1, 2, 3),
+        progress=True,
+    )
     base.fit(ds.train)
     t0 = time.perf_counter()
     feats, names = base._extract([t.path for t in ds.test], "test features")
@@ -81,19 +90,31 @@ def run_group(ds, models: list[tuple[str, SPADE]]) -> list[dict[str, Any]]:
             if key not in level_cache:
                 t = time.perf_counter()
                 # The model's own search (exact, or its window), on the shared bank's level lv.
-                maps_lv = [m._level_maps([feats.levels[lv - 1][i]], nb[i], level_index=[lv - 1])[0][0]
-                           for i in range(len(names))]
+                maps_lv = [
+                    m._level_maps([feats.levels[lv - 1][i]], nb[i], level_index=[lv - 1])[0][0]
+                    for i in range(len(names))
+                ]
                 level_cache[key] = (maps_lv, (time.perf_counter() - t) / len(names))
             per_level.append(level_cache[key][0])
             search_s += level_cache[key][1]
         t = time.perf_counter()
-        maps = np.stack([smooth(combine_levels([pl[i] for pl in per_level], m.crop_size).numpy(), m.sigma)
-                         for i in range(len(names))])
+        maps = np.stack(
+            [
+                smooth(combine_levels([pl[i] for pl in per_level], m.crop_size).numpy(), m.sigma)
+                for i in range(len(names))
+            ]
+        )
         finish_s = (time.perf_counter() - t) / len(names)
         scores = m._image_score(knn, maps, valid)
-        out.append(dict(setting=label, image_auroc=image_auroc(labels, scores),
-                        pixel_auroc=pixel_auroc(masks, maps, valid=valid), pro=pro_auc(masks, maps, valid=valid),
-                        s_img=feat_s + search_s + finish_s))
+        out.append(
+            dict(
+                setting=label,
+                image_auroc=image_auroc(labels, scores),
+                pixel_auroc=pixel_auroc(masks, maps, valid=valid),
+                pro=pro_auc(masks, maps, valid=valid),
+                s_img=feat_s + search_s + finish_s,
+            )
+        )
     return out
 
 
@@ -101,11 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="transistor,magnetic_tile")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the tables as Markdown")
-    ap.add_argument("--rows", default=None,
-                    help="only the rows whose label contains one of these comma-separated strings")
+    ap.add_argument(
+        "--rows", default=None, help="only the rows whose label contains one of these comma-separated strings"
+    )
     args = ap.parse_args(argv)
-    rows = ROWS if args.rows is None else [
-        (label, params) for label, params in ROWS if any(p in label for p in args.rows.split(","))]
+    rows = (
+        ROWS
+        if args.rows is None
+        else [(label, params) for label, params in ROWS if any(p in label for p in args.rows.split(","))]
+    )
     if not rows:
         ap.error(f"--rows {args.rows!r} matches no row")
     models = [(label, SPADE(**params)) for label, params in rows]
@@ -124,12 +149,19 @@ def main(argv: list[str] | None = None) -> int:
                 results[r["setting"]] = r
         header = f"{'setting':<36} {'image AUROC':>11} {'pixel AUROC':>11} {'PRO':>7} {'s/img':>6}"
         print(f"\n{name}: {len(ds.train)} train, {len(ds.test)} test images\n{header}\n{'-' * len(header)}")
-        md += [f"\n**{name}** ({len(ds.train)} train, {len(ds.test)} test images)\n",
-               "| setting | image AUROC | pixel AUROC | PRO | s/img |", "|---|---:|---:|---:|---:|"]
+        md += [
+            f"\n**{name}** ({len(ds.train)} train, {len(ds.test)} test images)\n",
+            "| setting | image AUROC | pixel AUROC | PRO | s/img |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for label, _ in rows:
             r = results[label]
-            print(f"{label:<36} {r['image_auroc']:>11.4f} {r['pixel_auroc']:>11.4f} {r['pro']:>7.4f} {r['s_img']:>6.2f}")
-            md.append(f"| {label} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['pro']:.4f} | {r['s_img']:.2f} |")
+            print(
+                f"{label:<36} {r['image_auroc']:>11.4f} {r['pixel_auroc']:>11.4f} {r['pro']:>7.4f} {r['s_img']:>6.2f}"
+            )
+            md.append(
+                f"| {label} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['pro']:.4f} | {r['s_img']:.2f} |"
+            )
         sys.stdout.flush()
     if args.markdown is not None:
         args.markdown.write_text("\n".join(md) + "\n")

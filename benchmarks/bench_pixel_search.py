@@ -37,7 +37,6 @@ from spade_ad import SPADE
 from spade_ad.bank import FeatureBank
 from spade_ad.data import load_mvtec
 from spade_ad.evaluate import load_masks
-from spade_ad.maps import combine_levels, smooth
 from spade_ad.metrics import pixel_auroc, pro_auc
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_ad"
@@ -101,11 +100,19 @@ def window_flops(model: SPADE, feats: list[torch.Tensor], r: int) -> float:
     return float(sum(2 * t.shape[2] * t.shape[0] * t.shape[1] * model.k_ * (2 * r + 1) ** 2 for t in feats))
 
 
-def run_rows(model: SPADE, levels: list[torch.Tensor], nbs: torch.Tensor, rows: list[tuple], masks: np.ndarray | None,
-             n_naive: int, peak: float, n_eval: int) -> list[list[str]]:
+def run_rows(
+    model: SPADE,
+    levels: list[torch.Tensor],
+    nbs: torch.Tensor,
+    rows: list[tuple],
+    masks: np.ndarray | None,
+    n_naive: int,
+    peak: float,
+    n_eval: int,
+) -> list[list[str]]:
     """Time (and, with masks, score) each row; returns table rows."""
     n_test = levels[0].shape[0]
-    per_image = lambda i: [lv[i] for lv in levels]  # noqa: E731
+    per_image = lambda i: [lv[i] for lv in levels]
     out, exact_maps, naive_time = [], None, None
     full_flops = flops_per_image(model, per_image(0))
     for label, setup, search in rows:
@@ -134,8 +141,9 @@ def run_rows(model: SPADE, levels: list[torch.Tensor], nbs: torch.Tensor, rows: 
                 pix, pro = f"{pa:.4f}", f"{pr:.4f}"
             else:
                 pix, pro = f"{pa:.4f} ({pa - base[0]:+.4f})", f"{pr:.4f} ({pr - base[1]:+.4f})"
-        out.append([label, f"{sec:.3f}", sec, f"{gflops:.0f}", f"{100 * gflops / peak:.0f}%", pix, pro,
-                    f"{peak_rss_mb():.0f}"])
+        out.append(
+            [label, f"{sec:.3f}", sec, f"{gflops:.0f}", f"{100 * gflops / peak:.0f}%", pix, pro, f"{peak_rss_mb():.0f}"]
+        )
         print(f"  {label}: {sec:.3f} s/img", file=sys.stderr)
     for row in out:  # speed-up against the naive row, which runs last (its full matrices inflate peak RSS)
         row[2] = "-" if naive_time is None else f"{naive_time / row[2]:.1f}x"
@@ -173,15 +181,25 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     peak = gemm_peak()
-    print(f"fp32 GEMM peak (4096^3 matmul, median of 7): {peak:.0f} GFLOP/s; torch threads: "
-          f"{torch.get_num_threads()}; torch {torch.__version__}")
+    print(
+        f"fp32 GEMM peak (4096^3 matmul, median of 7): {peak:.0f} GFLOP/s; torch threads: "
+        f"{torch.get_num_threads()}; torch {torch.__version__}"
+    )
 
     ds = load_mvtec(args.data, args.category)
     if args.limit:
         ds.test = ds.test[: args.limit]
     test_paths = [t.path for t in ds.test]
-    header = ["row", "s/img (median)", "speed-up vs naive", "GFLOP/s", "of fp32 peak", "pixel AUROC (change)",
-              "PRO (change)", "peak RSS MB"]
+    header = [
+        "row",
+        "s/img (median)",
+        "speed-up vs naive",
+        "GFLOP/s",
+        "of fp32 peak",
+        "pixel AUROC (change)",
+        "PRO (change)",
+        "peak RSS MB",
+    ]
     radii = [int(r) for r in args.windows.split(",") if r.strip()]
 
     # Embedded backbone, real weights, every test image.
@@ -190,14 +208,18 @@ def main() -> None:
     levels = [x.permute(0, 2, 3, 1).contiguous() for x in lv]
     _, nbs, _ = model._knn(g)
     masks = load_masks(ds, model.image_size, model.crop_size)
-    rows = [("ours, exact fp32", no_setup, None), ("ours, bf16 products (opt-in)", set_attr(precision="bf16"), None),
-            ("ours, float16 bank (opt-in)", half_bank, None)]
+    rows = [
+        ("ours, exact fp32", no_setup, None),
+        ("ours, bf16 products (opt-in)", set_attr(precision="bf16"), None),
+        ("ours, float16 bank (opt-in)", half_bank, None),
+    ]
     rows += [(f"ours, window R={r} (opt-in)", set_attr(window=r), None) for r in radii]
     rows += faiss_row()
     rows += [("naive reference (cdist full matrix)", no_setup, naive_maps)]
     shapes = ", ".join(f"{t.shape[3]}@{t.shape[1]}x{t.shape[2]}" for t in levels)
-    titles = [f"\n### Embedded EfficientNet-Lite0 ({shapes}), {args.category}, k={model.k_}, "
-              f"{len(test_paths)} test images\n"]
+    titles = [
+        f"\n### Embedded EfficientNet-Lite0 ({shapes}), {args.category}, k={model.k_}, {len(test_paths)} test images\n"
+    ]
     table = run_rows(model, levels, nbs, rows, masks, args.n_naive, peak, len(test_paths))
     tables = [table]
 
@@ -220,8 +242,10 @@ def main() -> None:
         for t in tables:
             for row in t:
                 row[4] = f"{100 * float(row[3]) / peak2:.0f}%"
-    print(f"\nfp32 GEMM peak: {peak:.0f} GFLOP/s at the start, {peak2:.0f} at the end; fractions use "
-          f"{max(peak, peak2):.0f}")
+    print(
+        f"\nfp32 GEMM peak: {peak:.0f} GFLOP/s at the start, {peak2:.0f} at the end; fractions use "
+        f"{max(peak, peak2):.0f}"
+    )
     for title, t in zip(titles, tables):
         print(title)
         print_table(header, t)

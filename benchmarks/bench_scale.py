@@ -18,7 +18,6 @@ alone and in batches of 64. Medians of ``--repeats`` runs. Needs about 3 GB of f
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -71,8 +70,19 @@ LAUNCHER = (
 
 def run_predict(model: Path, images: list[str], out: Path, mmap: bool) -> tuple[float, float]:
     """(peak RSS in MB, wall seconds) of one ``spade-ad predict`` child process."""
-    cmd = [sys.executable, "-m", "spade_ad.cli", "predict", str(model), *images, "--out", str(out), "--no-overlays",
-           "--overwrite", "--mmap" if mmap else "--no-mmap"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "spade_ad.cli",
+        "predict",
+        str(model),
+        *images,
+        "--out",
+        str(out),
+        "--no-overlays",
+        "--overwrite",
+        "--mmap" if mmap else "--no-mmap",
+    ]
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -125,14 +135,20 @@ def main() -> None:
             rows.append((n, size_mb, statistics.median(rss), statistics.median(wall), rss_mem[0], one, batched))
             path.unlink()
     base_rss = rows[0][2]
-    print(f"\n`spade-ad predict` on {len(images)} transistor test images, k=50, float16 pixel bank; "
-          f"medians of {args.repeats} runs\n")
-    print("| training images | model file MB | peak RSS MB (mmap) | vs first row | wall s (incl. start-up) | "
-          "peak RSS MB (--no-mmap) | image kNN ms/query (1 query) | ms/query (batches of 64) |")
+    print(
+        f"\n`spade-ad predict` on {len(images)} transistor test images, k=50, float16 pixel bank; "
+        f"medians of {args.repeats} runs\n"
+    )
+    print(
+        "| training images | model file MB | peak RSS MB (mmap) | vs first row | wall s (incl. start-up) | "
+        "peak RSS MB (--no-mmap) | image kNN ms/query (1 query) | ms/query (batches of 64) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for n, size_mb, rss, wall, rss_mem, one, batched in rows:
-        print(f"| {n} | {size_mb:.0f} | {rss:.0f} | {rss / base_rss:.2f}x | {wall:.1f} | {rss_mem:.0f} | "
-              f"{one:.2f} | {batched:.3f} |")
+        print(
+            f"| {n} | {size_mb:.0f} | {rss:.0f} | {rss / base_rss:.2f}x | {wall:.1f} | {rss_mem:.0f} | "
+            f"{one:.2f} | {batched:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,18 @@ def _rss_mb(pid: int) -> float:
 def serve(model: Path, *options: str):
     """A server process on a free loopback port; yields (base URL, process) once /readyz says ready."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "spade_ad.cli", "serve", str(model), "--port", str(port), "--log-level", "warning",
-           *options]
+    cmd = [
+        sys.executable,
+        "-m",
+        "spade_ad.cli",
+        "serve",
+        str(model),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *options,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -147,8 +157,9 @@ def flood(base: str, proc: subprocess.Popen, image: bytes, clients: int) -> dict
     def one(i: int) -> int | str:
         barrier.wait()
         try:
-            return httpx.post(base + "/v1/score", files={"file": (f"f{i}.png", image, "image/png")},
-                              timeout=120).status_code
+            return httpx.post(
+                base + "/v1/score", files={"file": (f"f{i}.png", image, "image/png")}, timeout=120
+            ).status_code
         except httpx.HTTPError as exc:
             return type(exc).__name__
 
@@ -156,8 +167,14 @@ def flood(base: str, proc: subprocess.Popen, image: bytes, clients: int) -> dict
         codes = list(pool.map(one, range(clients)))
     alive = httpx.get(base + "/healthz", timeout=10).status_code == 200 and proc.poll() is None
     after = httpx.post(base + "/v1/score", files={"file": ("after.png", image, "image/png")}, timeout=120)
-    return {"codes": codes, "alive": alive, "after": after.status_code, "rss_before": rss_before,
-            "rss_after": _rss_mb(proc.pid), "stats": httpx.get(base + "/v1/stats", timeout=10).json()}
+    return {
+        "codes": codes,
+        "alive": alive,
+        "after": after.status_code,
+        "rss_before": rss_before,
+        "rss_after": _rss_mb(proc.pid),
+        "stats": httpx.get(base + "/v1/stats", timeout=10).json(),
+    }
 
 
 @dataclass
@@ -191,11 +208,13 @@ def _row(label: str, ms: list[Measured]) -> str:
     """One table row; with several runs, each figure is the median over them (errors and lost: totals)."""
     med = statistics.median
     lat = [m.run.latencies_ms for m in ms]
-    return (f"| {label} | {sum(m.run.planned for m in ms)} | {sum(m.run.errors for m in ms)} | "
-            f"{sum(m.run.lost for m in ms)} | {med(m.p50 for m in ms):.0f} | "
-            f"{med(_percentile(x, 95) for x in lat):.0f} | {med(_percentile(x, 99) for x in lat):.0f} | "
-            f"{med(m.rps for m in ms):.2f} | {med(m.mean_batch for m in ms):.2f} | "
-            f"{med(m.busy_s / m.run.answered * 1000 for m in ms):.0f} |")
+    return (
+        f"| {label} | {sum(m.run.planned for m in ms)} | {sum(m.run.errors for m in ms)} | "
+        f"{sum(m.run.lost for m in ms)} | {med(m.p50 for m in ms):.0f} | "
+        f"{med(_percentile(x, 95) for x in lat):.0f} | {med(_percentile(x, 99) for x in lat):.0f} | "
+        f"{med(m.rps for m in ms):.2f} | {med(m.mean_batch for m in ms):.2f} | "
+        f"{med(m.busy_s / m.run.answered * 1000 for m in ms):.0f} |"
+    )
 
 
 def main() -> None:
@@ -204,8 +223,12 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DATA, help="MVTec category folder (default: transistor).")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=100, help="Requests per client and run.")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="Runs per mode, alternating the modes (the table shows medians over the runs).")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="Runs per mode, alternating the modes (the table shows medians over the runs).",
+    )
     ap.add_argument("--warmup", type=int, default=4, help="Requests sent to each server before timing starts.")
     ap.add_argument("--flood-clients", type=int, default=48)
     ap.add_argument("--flood-queue", type=int, default=4)
@@ -228,8 +251,10 @@ def main() -> None:
             model = fitted.save(Path(tmp) / "model.spade")
             print(f"fitted on {len(fitted.train_paths_)} images in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         extra = [] if args.torch_threads is None else ["--torch-threads", str(args.torch_threads)]
-        modes = [("micro-batching (--max-batch 8 --batch-wait-ms 5)", ["--max-batch", "8", "--batch-wait-ms", "5"]),
-                 ("no batching (--max-batch 1 --batch-wait-ms 0)", ["--max-batch", "1", "--batch-wait-ms", "0"])]
+        modes = [
+            ("micro-batching (--max-batch 8 --batch-wait-ms 5)", ["--max-batch", "8", "--batch-wait-ms", "5"]),
+            ("no batching (--max-batch 1 --batch-wait-ms 0)", ["--max-batch", "1", "--batch-wait-ms", "0"]),
+        ]
         runs: dict[str, list[Measured]] = {label: [] for label, _ in modes}
         # Both servers stay up and the modes alternate, so a burst of other load on the machine hits both.
         with serve(model, *modes[0][1], *extra) as (base_a, _), serve(model, *modes[1][1], *extra) as (base_b, _):
@@ -240,16 +265,23 @@ def main() -> None:
                 for label, base in bases.items():
                     m = measure(label, base, images, args.clients, args.requests)
                     runs[label].append(m)
-                    print(f"run {r + 1}, {label}: {m.run.seconds:.1f} s, {m.rps:.2f} req/s, p50 {m.p50:.0f} ms, "
-                          f"errors {m.run.errors} {m.run.statuses}", file=sys.stderr)
+                    print(
+                        f"run {r + 1}, {label}: {m.run.seconds:.1f} s, {m.rps:.2f} req/s, p50 {m.p50:.0f} ms, "
+                        f"errors {m.run.errors} {m.run.statuses}",
+                        file=sys.stderr,
+                    )
         with serve(model, "--queue-size", str(args.flood_queue), *extra) as (base, proc):
             fl = flood(base, proc, images[0][1], args.flood_clients)
 
-    print(f"\n{args.clients} concurrent clients x {args.requests} requests each, {args.repeat} run(s) per mode "
-          f"({len(images)} transistor test images, 256x256 PNG, multipart), loopback, {os.cpu_count()} CPU cores; "
-          f"load average (1 min) at start / end {load_start:.2f} / {os.getloadavg()[0]:.2f}\n")
-    header = ("| mode | requests | errors | lost | p50 ms | p95 ms | p99 ms | req/s | mean batch | model ms/image |\n"
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"\n{args.clients} concurrent clients x {args.requests} requests each, {args.repeat} run(s) per mode "
+        f"({len(images)} transistor test images, 256x256 PNG, multipart), loopback, {os.cpu_count()} CPU cores; "
+        f"load average (1 min) at start / end {load_start:.2f} / {os.getloadavg()[0]:.2f}\n"
+    )
+    header = (
+        "| mode | requests | errors | lost | p50 ms | p95 ms | p99 ms | req/s | mean batch | model ms/image |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
     print(header)
     for label, ms in runs.items():
         print(_row(label, ms))
@@ -261,15 +293,22 @@ def main() -> None:
                 print(_row(f"{label}, run {i + 1}", [m]))
     bad = [(label, m.run) for label, ms in runs.items() for m in ms if m.run.errors]
     if bad:
-        print("\nerror statuses: " + "; ".join(f"{label}: {run.statuses}, transport errors {run.transport_errors}, "
-                                            f"mismatched {run.mismatched}" for label, run in bad))
+        print(
+            "\nerror statuses: "
+            + "; ".join(
+                f"{label}: {run.statuses}, transport errors {run.transport_errors}, mismatched {run.mismatched}"
+                for label, run in bad
+            )
+        )
     codes = fl["codes"]
     other = [c for c in codes if c not in (200, 503)]
     print(f"\nFlood: {args.flood_clients} requests at once, --queue-size {args.flood_queue}\n")
     print("| answered 200 | answered 503 | other | server alive after | next request | server RSS before / after |")
     print("|---:|---:|---:|---|---:|---|")
-    print(f"| {codes.count(200)} | {codes.count(503)} | {len(other)} {other if other else ''} | "
-          f"{'yes' if fl['alive'] else 'NO'} | {fl['after']} | {fl['rss_before']:.0f} / {fl['rss_after']:.0f} MB |")
+    print(
+        f"| {codes.count(200)} | {codes.count(503)} | {len(other)} {other if other else ''} | "
+        f"{'yes' if fl['alive'] else 'NO'} | {fl['after']} | {fl['rss_before']:.0f} / {fl['rss_after']:.0f} MB |"
+    )
 
 
 if __name__ == "__main__":

@@ -161,8 +161,11 @@ def test_plan_caps_k_and_keeps_the_base_setting():
     assert [label for g, label, _ in plan if g == "k"] == ["k=1", "k=5", "k=8"]
     assert [label for g, label, _ in plan if g == "sigma"] == ["sigma=0", "sigma=2", "sigma=4", "sigma=8"]
     # Four groups show the base setting; it is one configuration.
-    base = [cfg for _, _, cfg in plan if cfg.levels == (1, 2, 3) and cfg.k == 8 and cfg.sigma == 4.0
-            and cfg.gallery == "nearest"]
+    base = [
+        cfg
+        for _, _, cfg in plan
+        if cfg.levels == (1, 2, 3) and cfg.k == 8 and cfg.sigma == 4.0 and cfg.gallery == "nearest"
+    ]
     assert len(base) == 4 and len(set(base)) == 1
 
 

@@ -49,16 +49,23 @@ def test_each_backbone_carries_its_normalisation():
 
 @pytest.mark.parametrize(
     "name,channels,global_dim",
-    [("efficientnet_lite0", (24, 40, 112), 1280), ("efficientnet_lite1", (24, 40, 112), 1280),
-     ("efficientnet_lite2", (24, 48, 120), 1280), ("resnet18", (64, 128, 256), 512),
-     ("wide_resnet50_2", (256, 512, 1024), 2048)],
+    [
+        ("efficientnet_lite0", (24, 40, 112), 1280),
+        ("efficientnet_lite1", (24, 40, 112), 1280),
+        ("efficientnet_lite2", (24, 48, 120), 1280),
+        ("resnet18", (64, 128, 256), 512),
+        ("wide_resnet50_2", (256, 512, 1024), 2048),
+    ],
 )
 def test_pyramid_strides_and_channels(name, channels, global_dim):
     bb = build_backbone(name, weights="random")
     g, levels = bb(torch.rand(1, 3, 224, 224))
     assert g.shape == (1, global_dim)
     assert [tuple(lv.shape[1:]) for lv in levels] == [
-        (channels[0], 56, 56), (channels[1], 28, 28), (channels[2], 14, 14)]
+        (channels[0], 56, 56),
+        (channels[1], 28, 28),
+        (channels[2], 14, 14),
+    ]
 
 
 def test_random_is_explicit_and_deterministic():
@@ -87,4 +94,9 @@ def test_weights_from_a_path_and_from_the_hub_cache(tmp_path, monkeypatch):
 
 def test_registry_lists_the_three():
     assert available_backbones() == [
-        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "wide_resnet50_2"]
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+        "resnet18",
+        "wide_resnet50_2",
+    ]

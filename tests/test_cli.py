@@ -64,8 +64,18 @@ def test_predict_names_outputs_by_folder_when_stems_collide(image_dirs, tmp_path
     runner = CliRunner()
     assert runner.invoke(main, ["fit", str(train), "--out", str(model), *SMALL]).exit_code == 0
     out = tmp_path / "pred"
-    r = runner.invoke(main, ["predict", str(model), str(test / "good_0.png"), str(other / "good_0.png"),
-                             "--out", str(out), "--no-overlays"])
+    r = runner.invoke(
+        main,
+        [
+            "predict",
+            str(model),
+            str(test / "good_0.png"),
+            str(other / "good_0.png"),
+            "--out",
+            str(out),
+            "--no-overlays",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (out / "maps").iterdir()) == ["other_good_0.npy", "test_good_0.npy"]
     assert not (out / "overlays").exists()
@@ -117,8 +127,23 @@ def test_evaluate_plain_folders_with_masks_matched_by_stem(image_dirs, tmp_path)
         # one mask named like its image, one with the MVTec _mask suffix
         Image.fromarray(mask).save(masks / (f"x{i}.png" if i == 0 else f"x{i}_mask.png"))
     js = tmp_path / "r.json"
-    r = CliRunner().invoke(main, ["evaluate", "--train", str(train), "--test-good", str(good), "--test-anomalous",
-                                  str(bad), "--masks", str(masks), "--json", str(js), *SMALL])
+    r = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--train",
+            str(train),
+            "--test-good",
+            str(good),
+            "--test-anomalous",
+            str(bad),
+            "--masks",
+            str(masks),
+            "--json",
+            str(js),
+            *SMALL,
+        ],
+    )
     assert r.exit_code == 0, r.output
     rec = json.loads(js.read_text())["train"]
     assert (rec["n_train"], rec["n_test"], rec["image_auroc"]) == (6, 3, 1.0)
@@ -133,8 +158,9 @@ def test_evaluate_needs_a_layout():
 def test_ablate_prints_and_writes_the_table(toy_mvtec, tmp_path):
     root = toy_mvtec.parent
     js, md = tmp_path / "a.json", tmp_path / "a.md"
-    r = CliRunner().invoke(main, ["ablate", str(root), "--category", "toy", "--json", str(js), "--markdown", str(md),
-                                  *SMALL])
+    r = CliRunner().invoke(
+        main, ["ablate", str(root), "--category", "toy", "--json", str(js), "--markdown", str(md), *SMALL]
+    )
     assert r.exit_code == 0, r.output
     assert "stride 4" in r.output and "sigma" in r.output.lower()
     data = json.loads(js.read_text())

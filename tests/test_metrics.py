@@ -249,9 +249,7 @@ def test_trapezoid_whole_range_and_vertical_steps():
     assert trapezoid(X, Y) == pytest.approx(0.62, abs=ATOL)
     # A repeated x (vertical step) adds nothing: [0, 0.3] at y from 0 to 0.2 -> 0.03, the jump
     # to 0.6 at x = 0.3 is kept (x <= x_max) but has zero width.
-    assert trapezoid([0, 0.3, 0.3, 1], [0, 0.2, 0.6, 1], x_max=0.3) == pytest.approx(
-        0.03, abs=ATOL
-    )
+    assert trapezoid([0, 0.3, 0.3, 1], [0, 0.2, 0.6, 1], x_max=0.3) == pytest.approx(0.03, abs=ATOL)
 
 
 def test_trapezoid_drops_non_finite_points_with_warning():

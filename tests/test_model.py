@@ -34,7 +34,9 @@ def brute_force_maps(test_levels, train_levels, neighbors, crop, sigma):
             for y in range(h):
                 for x in range(w):
                     out[y, x] = min(np.sqrt(np.sum((t[:, y, x] - p) ** 2)) for p in gal_pts)
-            up = F.interpolate(torch.from_numpy(out)[None, None], size=(crop, crop), mode="bilinear", align_corners=False)
+            up = F.interpolate(
+                torch.from_numpy(out)[None, None], size=(crop, crop), mode="bilinear", align_corners=False
+            )
             ups.append(up[0, 0].numpy())
         maps.append(gaussian_filter(np.mean(ups, axis=0), sigma=sigma))
     return np.stack(maps)
@@ -91,7 +93,14 @@ def test_output_types_and_shapes(image_dirs):
 def test_default_parameters_are_the_papers():
     m = SPADE()
     assert (m.backbone, m.k, m.kappa, tuple(m.levels), m.sigma, m.image_size, m.crop_size) == (
-        "efficientnet_lite0", 50, 1, (1, 2, 3), 4.0, 256, 224)
+        "efficientnet_lite0",
+        50,
+        1,
+        (1, 2, 3),
+        4.0,
+        256,
+        224,
+    )
 
 
 def test_fit_returns_self_and_init_only_stores(image_dirs):

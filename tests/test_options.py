@@ -74,7 +74,9 @@ def test_patch_size_averages_neighbourhoods_and_is_what_predict_uses(fitted, tmp
     np.testing.assert_array_equal(again.predict(test).anomaly_maps, out.anomaly_maps)
 
 
-@pytest.mark.parametrize("name,channels", [("efficientnet_lite1", (24, 40, 112)), ("efficientnet_lite2", (24, 48, 120))])
+@pytest.mark.parametrize(
+    "name,channels", [("efficientnet_lite1", (24, 40, 112)), ("efficientnet_lite2", (24, 48, 120))]
+)
 def test_other_embedded_backbones_fit_predict_and_reload(image_dirs, tmp_path, name, channels):
     train, test = image_dirs
     m = SPADE(backbone=name, **SMALL).fit(train)
@@ -88,8 +90,11 @@ def test_other_embedded_backbones_fit_predict_and_reload(image_dirs, tmp_path, n
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [(dict(image_score="max"), "image_score must be one of"), (dict(image_k=0), "image_k must be"),
-     (dict(patch_size=2), "patch_size must be an odd")],
+    [
+        (dict(image_score="max"), "image_score must be one of"),
+        (dict(image_k=0), "image_k must be"),
+        (dict(patch_size=2), "patch_size must be an odd"),
+    ],
 )
 def test_bad_options_are_refused(image_dirs, kwargs, message):
     train, _ = image_dirs
@@ -119,8 +124,25 @@ def test_cli_preset_with_an_explicit_override(image_dirs, tmp_path):
 
     train, _ = image_dirs
     out = tmp_path / "m.safetensors"
-    r = CliRunner().invoke(main, ["fit", str(train), "--out", str(out), "--preset", "accurate", "--image-size", "48",
-                                  "--crop-size", "48", "--k", "2", "--patch-size", "7"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "fit",
+            str(train),
+            "--out",
+            str(out),
+            "--preset",
+            "accurate",
+            "--image-size",
+            "48",
+            "--crop-size",
+            "48",
+            "--k",
+            "2",
+            "--patch-size",
+            "7",
+        ],
+    )
     assert r.exit_code == 0, r.output
     m = SPADE.load(out)
     assert m.patch_size == 7  # given explicitly: overrides the preset's 5

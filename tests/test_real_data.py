@@ -35,8 +35,15 @@ def _require(path: Path) -> Path:
 def test_transistor_paper_defaults_reach_the_bar(tmp_path):
     root = _require(DATASETS / "mvtec_ad")
     exe = Path(sys.executable).with_name("spade-ad")
-    cmd = [str(exe) if exe.exists() else "spade-ad", "evaluate", str(root), "--category", "transistor",
-           "--json", str(tmp_path / "r.json")]
+    cmd = [
+        str(exe) if exe.exists() else "spade-ad",
+        "evaluate",
+        str(root),
+        "--category",
+        "transistor",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "r.json").read_text())
@@ -48,7 +55,12 @@ def test_transistor_paper_defaults_reach_the_bar(tmp_path):
     assert t["pro"] >= 0.78
     cfg = res["config"]
     assert (cfg["backbone"], cfg["k"], cfg["kappa"], cfg["levels"], cfg["sigma"]) == (
-        "efficientnet_lite0", 50, 1, [1, 2, 3], 4.0)
+        "efficientnet_lite0",
+        50,
+        1,
+        [1, 2, 3],
+        4.0,
+    )
     assert "transistor" in proc.stdout and "PRO" in proc.stdout
 
 
@@ -65,8 +77,11 @@ def _magnetic_subset_figures(preset: str, tmp_path: Path) -> tuple[float, float,
     masks = load_masks(ds, model.image_size, model.crop_size)  # masks prepared like the images
     assert pred.anomaly_maps.shape == (len(ds.test), model.crop_size, model.crop_size)
     assert np.isfinite(pred.anomaly_maps).all() and np.isfinite(pred.image_scores).all()
-    figures = (image_auroc(labels, pred.image_scores), pixel_auroc(masks, pred.anomaly_maps),
-               pro_auc(masks, pred.anomaly_maps))
+    figures = (
+        image_auroc(labels, pred.image_scores),
+        pixel_auroc(masks, pred.anomaly_maps),
+        pro_auc(masks, pred.anomaly_maps),
+    )
     print(f"magnetic_tile subset, preset {preset}: image {figures[0]:.4f} pixel {figures[1]:.4f} PRO {figures[2]:.4f}")
     return figures
 
@@ -101,8 +116,17 @@ def test_accurate_preset_on_transistor(tmp_path):
     """The ``accurate`` preset through the command line, on the full transistor category."""
     root = _require(DATASETS / "mvtec_ad")
     exe = Path(sys.executable).with_name("spade-ad")
-    cmd = [str(exe) if exe.exists() else "spade-ad", "evaluate", str(root), "--category", "transistor",
-           "--preset", "accurate", "--json", str(tmp_path / "r.json")]
+    cmd = [
+        str(exe) if exe.exists() else "spade-ad",
+        "evaluate",
+        str(root),
+        "--category",
+        "transistor",
+        "--preset",
+        "accurate",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     t = json.loads((tmp_path / "r.json").read_text())["transistor"]

@@ -119,9 +119,19 @@ def test_without_thresholds_rank_rule_and_no_threshold_note(result: CategoryResu
 
 def _chromium(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     profile = cwd / "profile"  # a fresh profile per run: no state from other runs
-    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", *args]
+    cmd = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, cwd=cwd)
 
 

@@ -113,8 +113,20 @@ def _serve_process(model_file: Path, folder: Path, *options: str) -> Iterator[Se
     """``python -m spade_ad.cli serve MODEL --port P ...`` as a child process, until /readyz says ready."""
     port = _free_port()
     log = folder / f"server_{port}.log"
-    cmd = [sys.executable, "-m", "spade_ad.cli", "serve", str(model_file), "--port", str(port),
-           "--torch-threads", "1", "--log-level", "warning", *options]
+    cmd = [
+        sys.executable,
+        "-m",
+        "spade_ad.cli",
+        "serve",
+        str(model_file),
+        "--port",
+        str(port),
+        "--torch-threads",
+        "1",
+        "--log-level",
+        "warning",
+        *options,
+    ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV)
     server = Server(f"http://127.0.0.1:{port}", proc, log)
@@ -151,9 +163,18 @@ def _serve_in_thread(app: FastAPI) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def server(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with _serve_process(model_file, tmp_path_factory.mktemp("server"), "--max-upload-bytes", str(MAX_UPLOAD),
-                        "--max-pixels", str(MAX_PIXELS), "--max-batch-images", str(MAX_BATCH_IMAGES),
-                        "--queue-size", "16") as s:
+    with _serve_process(
+        model_file,
+        tmp_path_factory.mktemp("server"),
+        "--max-upload-bytes",
+        str(MAX_UPLOAD),
+        "--max-pixels",
+        str(MAX_PIXELS),
+        "--max-batch-images",
+        str(MAX_BATCH_IMAGES),
+        "--queue-size",
+        "16",
+    ) as s:
         yield s
 
 
@@ -188,8 +209,12 @@ def test_health_ready_and_model_info(server: Server, model: SPADE):
     assert info["n_train"] == 9 and info["package_version"] == __version__
     assert info["thresholds"]["image"] == model.thresholds_.image
     svc = info["service"]
-    assert (svc["max_upload_bytes"], svc["max_pixels"], svc["max_batch_images"], svc["queue_size"]) == \
-        (MAX_UPLOAD, MAX_PIXELS, MAX_BATCH_IMAGES, 16)
+    assert (svc["max_upload_bytes"], svc["max_pixels"], svc["max_batch_images"], svc["queue_size"]) == (
+        MAX_UPLOAD,
+        MAX_PIXELS,
+        MAX_BATCH_IMAGES,
+        16,
+    )
     schema = server.get("/openapi.json").json()
     assert {"/v1/score", "/v1/score/batch", "/v1/model", "/healthz", "/readyz"} <= set(schema["paths"])
     # No CDN-backed interactive docs: the service makes no request to the outside.
@@ -212,9 +237,24 @@ def _csv_matches(value: float, written: str) -> bool:
 
 def test_score_matches_cli_predict(server: Server, model: SPADE, model_file: Path, tmp_path: Path):
     out = tmp_path / "pred"
-    r = subprocess.run([sys.executable, "-m", "spade_ad.cli", "predict", str(model_file), *map(str, TEST_IMAGES),
-                        "--out", str(out), "--no-overlays"], capture_output=True, text=True, env=ENV, timeout=300,
-                       check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spade_ad.cli",
+            "predict",
+            str(model_file),
+            *map(str, TEST_IMAGES),
+            "--out",
+            str(out),
+            "--no-overlays",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     with open(out / "scores.csv", newline="") as f:
         rows = {Path(row["path"]).resolve(): row for row in csv.DictReader(f)}
@@ -222,8 +262,9 @@ def test_score_matches_cli_predict(server: Server, model: SPADE, model_file: Pat
     flagged = 0
     for i, path in enumerate(TEST_IMAGES):
         multipart = _score(server, path)
-        raw = server.post("/v1/score", content=_png_bytes(path),
-                          headers={"Content-Type": "image/png", "X-Filename": path.name}).json()
+        raw = server.post(
+            "/v1/score", content=_png_bytes(path), headers={"Content-Type": "image/png", "X-Filename": path.name}
+        ).json()
         row = rows[path.resolve()]
         for res in (multipart, raw):
             assert _csv_matches(res["image_score"], row["image_score"]), (res["image_score"], row["image_score"])
@@ -322,39 +363,92 @@ def test_bad_uploads_get_their_4xx_and_server_keeps_serving(server: Server):
     Image.new("L", (1200, 1000), 0).save(big_png, "PNG")  # 1.2 Mpx but only ~1 kB: over the pixel limit
     cases = [
         # (what, request kwargs, status, words the message must contain)
-        ("multipart file over the byte limit",
-         {"files": {"file": ("huge.png", b"\0" * (MAX_UPLOAD + 1), "image/png")}}, 413,
-         ["huge.png", "exceeds the upload limit"]),
-        ("raw body over the byte limit", {"content": b"\0" * (3 * MAX_UPLOAD), "headers": {"Content-Type": "image/png"}},
-         413, ["exceeds the limit"]),
-        ("decompression-bomb header", {"files": {"file": ("bomb.png", _png_header_only(100_000, 100_000), "image/png")}},
-         413, ["bomb.png", "10,000,000,000 pixels exceeds the limit"]),
-        ("real image over the pixel limit", {"files": {"file": ("wide.png", big_png.getvalue(), "image/png")}}, 413,
-         ["wide.png", "1,200,000 pixels"]),
-        ("truncated PNG", {"files": {"file": ("cut.png", good[: len(good) // 2], "image/png")}}, 422,
-         ["cut.png", "truncated or corrupt"]),
-        ("not an image", {"files": {"file": ("notes.png", b"just some text", "image/png")}}, 422,
-         ["notes.png", "not an image"]),
+        (
+            "multipart file over the byte limit",
+            {"files": {"file": ("huge.png", b"\0" * (MAX_UPLOAD + 1), "image/png")}},
+            413,
+            ["huge.png", "exceeds the upload limit"],
+        ),
+        (
+            "raw body over the byte limit",
+            {"content": b"\0" * (3 * MAX_UPLOAD), "headers": {"Content-Type": "image/png"}},
+            413,
+            ["exceeds the limit"],
+        ),
+        (
+            "decompression-bomb header",
+            {"files": {"file": ("bomb.png", _png_header_only(100_000, 100_000), "image/png")}},
+            413,
+            ["bomb.png", "10,000,000,000 pixels exceeds the limit"],
+        ),
+        (
+            "real image over the pixel limit",
+            {"files": {"file": ("wide.png", big_png.getvalue(), "image/png")}},
+            413,
+            ["wide.png", "1,200,000 pixels"],
+        ),
+        (
+            "truncated PNG",
+            {"files": {"file": ("cut.png", good[: len(good) // 2], "image/png")}},
+            422,
+            ["cut.png", "truncated or corrupt"],
+        ),
+        (
+            "not an image",
+            {"files": {"file": ("notes.png", b"just some text", "image/png")}},
+            422,
+            ["notes.png", "not an image"],
+        ),
         ("empty file", {"files": {"file": ("empty.png", b"", "image/png")}}, 422, ["empty.png", "empty file"]),
-        ("decodable but refused format (GIF) sent as octet-stream",
-         {"files": {"file": ("anim.gif", _gif_bytes(), "application/octet-stream")}}, 422,
-         ["anim.gif", "accepted: PNG, JPEG"]),
-        ("part declared with a non-image content type", {"files": {"file": ("a.txt", good, "text/plain")}}, 415,
-         ["a.txt", "unsupported content type 'text/plain'"]),
-        ("raw body with a non-image content type", {"content": good, "headers": {"Content-Type": "text/plain"}}, 415,
-         ["unsupported content type 'text/plain'"]),
-        ("raw body of an unsupported image type", {"content": _gif_bytes(), "headers": {"Content-Type": "image/gif"}},
-         415, ["'image/gif'"]),
+        (
+            "decodable but refused format (GIF) sent as octet-stream",
+            {"files": {"file": ("anim.gif", _gif_bytes(), "application/octet-stream")}},
+            422,
+            ["anim.gif", "accepted: PNG, JPEG"],
+        ),
+        (
+            "part declared with a non-image content type",
+            {"files": {"file": ("a.txt", good, "text/plain")}},
+            415,
+            ["a.txt", "unsupported content type 'text/plain'"],
+        ),
+        (
+            "raw body with a non-image content type",
+            {"content": good, "headers": {"Content-Type": "text/plain"}},
+            415,
+            ["unsupported content type 'text/plain'"],
+        ),
+        (
+            "raw body of an unsupported image type",
+            {"content": _gif_bytes(), "headers": {"Content-Type": "image/gif"}},
+            415,
+            ["'image/gif'"],
+        ),
         ("JSON instead of an image", {"json": {"image": "x"}}, 415, ["application/json"]),
-        ("multipart without a file", {"data": {"note": "hello"}, "files": {"other": ("x", b"", "text/plain")}}, 422,
-         ["no file", "'file'"]),
-        ("two files to the single-image endpoint",
-         {"files": [("file", ("a.png", good, "image/png")), ("file", ("b.png", good, "image/png"))]}, 422,
-         ["/v1/score/batch"]),
-        ("path-like file name is only a label", {"files": {"file": ("../../etc/passwd", b"root:x:0:0", "image/png")}},
-         422, ["passwd: not an image"]),
-        ("invalid query parameter", {"files": {"file": ("a.png", good, "image/png")}, "params": {"neighbours": -1}},
-         422, ["neighbours"]),
+        (
+            "multipart without a file",
+            {"data": {"note": "hello"}, "files": {"other": ("x", b"", "text/plain")}},
+            422,
+            ["no file", "'file'"],
+        ),
+        (
+            "two files to the single-image endpoint",
+            {"files": [("file", ("a.png", good, "image/png")), ("file", ("b.png", good, "image/png"))]},
+            422,
+            ["/v1/score/batch"],
+        ),
+        (
+            "path-like file name is only a label",
+            {"files": {"file": ("../../etc/passwd", b"root:x:0:0", "image/png")}},
+            422,
+            ["passwd: not an image"],
+        ),
+        (
+            "invalid query parameter",
+            {"files": {"file": ("a.png", good, "image/png")}, "params": {"neighbours": -1}},
+            422,
+            ["neighbours"],
+        ),
     ]
     for what, kwargs, status, words in cases:
         r = server.post("/v1/score", **kwargs)
@@ -368,8 +462,10 @@ def test_bad_uploads_get_their_4xx_and_server_keeps_serving(server: Server):
     r = server.post("/v1/score/batch", files=too_many)
     assert r.status_code == 413 and f"the limit is {MAX_BATCH_IMAGES}" in r.json()["detail"]
     # A batch with one bad image is refused as a whole, naming it.
-    r = server.post("/v1/score/batch", files=[("files", ("ok.png", good, "image/png")),
-                                              ("files", ("bad.png", b"nope", "image/png"))])
+    r = server.post(
+        "/v1/score/batch",
+        files=[("files", ("ok.png", good, "image/png")), ("files", ("bad.png", b"nope", "image/png"))],
+    )
     assert r.status_code == 422 and r.json()["detail"].startswith("bad.png: not an image")
     # Still serving real work, and nothing is left admitted.
     assert _score(server, BENT)["name"] == BENT.name
@@ -390,9 +486,24 @@ def test_display_names_are_labels_not_paths():
 def test_openapi_schema_property_based_no_server_errors(server: Server, tmp_path: Path):
     # Every check except positive_data_acceptance: the schema can only say "binary" for an image, and
     # random bytes that satisfy it are rightly refused (422), which that check would count as a failure.
-    cmd = [str(Path(sys.executable).with_name("schemathesis")), "run", f"{server.base}/openapi.json",
-           "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--max-examples", "8",
-           "--seed", "7", "--workers", "1", "--no-shrink", "--request-timeout", "60"]
+    cmd = [
+        str(Path(sys.executable).with_name("schemathesis")),
+        "run",
+        f"{server.base}/openapi.json",
+        "--checks",
+        "all",
+        "--exclude-checks",
+        "positive_data_acceptance",
+        "--max-examples",
+        "8",
+        "--seed",
+        "7",
+        "--workers",
+        "1",
+        "--no-shrink",
+        "--request-timeout",
+        "60",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path, check=False)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert "No issues found" in r.stdout and "Tested: 7" in r.stdout, r.stdout[-3000:]
@@ -451,8 +562,9 @@ def test_page_in_headless_chromium(server: Server, model: SPADE):
             page.evaluate(drop_js, [base64.b64encode(b"not a picture").decode(), "notes.png", "image/png"])
             expect(page.locator("#error")).to_contain_text("422", timeout=60_000)
             expect(page.locator("#error")).to_contain_text("notes.png: not an image")
-            page.set_input_files("#file", {"name": "huge.png", "mimeType": "image/png",
-                                           "buffer": b"\0" * (MAX_UPLOAD + 10)})
+            page.set_input_files(
+                "#file", {"name": "huge.png", "mimeType": "image/png", "buffer": b"\0" * (MAX_UPLOAD + 10)}
+            )
             expect(page.locator("#error")).to_contain_text("413", timeout=60_000)
             expect(page.locator("#error")).to_contain_text("huge.png")
 
@@ -467,8 +579,9 @@ def test_page_in_headless_chromium(server: Server, model: SPADE):
 # ------------------------------------------------------------------------------------------------
 def test_flood_gets_503_not_a_crash(model_file: Path, tmp_path: Path):
     body = _png_bytes(BENT)
-    with _serve_process(model_file, tmp_path, "--queue-size", "2", "--max-batch", "1", "--batch-wait-ms", "0",
-                        "--max-batch-images", "1") as s:
+    with _serve_process(
+        model_file, tmp_path, "--queue-size", "2", "--max-batch", "1", "--batch-wait-ms", "0", "--max-batch-images", "1"
+    ) as s:
         n = 16
         barrier = threading.Barrier(n)
 
@@ -608,8 +721,9 @@ def test_padded_geometry_pictures_cover_the_image_only(tmp_path: Path):
     model = SPADE(k=2, image_size=48, crop_size=48, geometry="pad").fit(train)
     # A pixel threshold inside the range of the maps, so that there is an outline to check.
     probe = model.predict([train[0]])
-    model.set_thresholds(Thresholds(image=0.0, pixel=float(np.median(probe.anomaly_maps[0][probe.valid[0]])),
-                                    source="test", n_images=1))
+    model.set_thresholds(
+        Thresholds(image=0.0, pixel=float(np.median(probe.anomaly_maps[0][probe.valid[0]])), source="test", n_images=1)
+    )
     test = make_image(rng, size=48, defect=True)[8:40]
     buf = io.BytesIO()
     Image.fromarray(test).save(buf, "PNG")

@@ -143,6 +143,18 @@ def test_fit_threshold_from_a_validation_folder(image_dirs, tmp_path):
 
 def test_calibrate_and_threshold_from_together_is_a_usage_error(image_dirs, tmp_path):
     train, _ = image_dirs
-    r = CliRunner().invoke(main, ["fit", str(train), "--out", str(tmp_path / "m"), "--calibrate", "0.3",
-                                  "--threshold-from", str(tmp_path), *CLI_SMALL])
+    r = CliRunner().invoke(
+        main,
+        [
+            "fit",
+            str(train),
+            "--out",
+            str(tmp_path / "m"),
+            "--calibrate",
+            "0.3",
+            "--threshold-from",
+            str(tmp_path),
+            *CLI_SMALL,
+        ],
+    )
     assert r.exit_code == 2 and "either" in r.output

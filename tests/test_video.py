@@ -328,8 +328,22 @@ def test_cli_evaluate_video_uses_k1_and_subsamples(root: Path, tmp_path: Path) -
     from spade_ad.cli import main
 
     js = tmp_path / "v.json"
-    r = CliRunner().invoke(main, ["evaluate", "--video", str(root), "--train-frames", "16", "--image-size", "32",
-                                  "--crop-size", "32", "--json", str(js)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--video",
+            str(root),
+            "--train-frames",
+            "16",
+            "--image-size",
+            "32",
+            "--crop-size",
+            "32",
+            "--json",
+            str(js),
+        ],
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(js.read_text())
     rec = data[root.name]

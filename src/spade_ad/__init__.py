@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
+from .errors import (
     DatasetError,
     FeatureError,
     ImageError,
@@ -11,18 +11,18 @@ from .errors import (  # noqa: E402
     SpadeError,
     WeightsError,
 )
-from .model import SPADE, Prediction, SpadeWarning  # noqa: E402
+from .model import SPADE, Prediction, SpadeWarning
 
 __all__ = [
     "SPADE",
-    "Prediction",
-    "SpadeWarning",
-    "SpadeError",
-    "ImageError",
     "DatasetError",
-    "WeightsError",
-    "ModelFileError",
     "FeatureError",
+    "ImageError",
+    "ModelFileError",
     "NotFittedError",
+    "Prediction",
+    "SpadeError",
+    "SpadeWarning",
+    "WeightsError",
     "__version__",
 ]

@@ -127,12 +127,18 @@ class AblationResult:
     def notes(self) -> list[str]:
         """Footnotes shared by the text and Markdown renderings."""
         notes = [
-            (f"* base setting, the paper's unless the base model changes it (all levels, k={self.k}, "
-             f"kappa={self.config.get('kappa', 1)}, sigma={_num(self.sigma)}): computed once, shown in each group"),
-            ("K random: the pixel gallery is K random normal images per test image "
-             f"(seed {self.seed}); the image score stays the kNN score"),
-            (f"seconds: row-specific work; shared backbone passes: train {self.fit_seconds:.1f} s, "
-             f"test {self.test_features_seconds:.1f} s; total {self.total_seconds:.1f} s"),
+            (
+                f"* base setting, the paper's unless the base model changes it (all levels, k={self.k}, "
+                f"kappa={self.config.get('kappa', 1)}, sigma={_num(self.sigma)}): computed once, shown in each group"
+            ),
+            (
+                "K random: the pixel gallery is K random normal images per test image "
+                f"(seed {self.seed}); the image score stays the kNN score"
+            ),
+            (
+                f"seconds: row-specific work; shared backbone passes: train {self.fit_seconds:.1f} s, "
+                f"test {self.test_features_seconds:.1f} s; total {self.total_seconds:.1f} s"
+            ),
             "ablations of the kind in paper tables 6 and 7; numbers are this implementation's on this data",
         ]
         if self.k >= self.n_train:
@@ -143,31 +149,45 @@ class AblationResult:
         """Plain text, aligned columns, one block per group, the paper setting marked with ``*``."""
         width = max(len(r.setting) for r in self.rows) + 2
         head = f"{'setting':<{width}} {'image AUROC':>11} {'pixel AUROC':>11} {'PRO':>7} {'seconds':>8}"
-        lines = [f"SPADE ablations: {self.category} ({self.n_train} train, {self.n_test} test images)", head,
-                 "-" * len(head)]
+        lines = [
+            f"SPADE ablations: {self.category} ({self.n_train} train, {self.n_test} test images)",
+            head,
+            "-" * len(head),
+        ]
         for g in self.groups():
             lines.append(GROUP_TITLES.get(g, g))
             for r in self.rows:
                 if r.group == g:
                     label = ("* " if r.default else "  ") + r.setting
-                    lines.append(f"{label:<{width}} {_fmt(r.image_auroc):>11} {_fmt(r.pixel_auroc):>11} "
-                                 f"{_fmt(r.pro):>7} {r.seconds:>8.2f}")
+                    lines.append(
+                        f"{label:<{width}} {_fmt(r.image_auroc):>11} {_fmt(r.pixel_auroc):>11} "
+                        f"{_fmt(r.pro):>7} {r.seconds:>8.2f}"
+                    )
         lines.append("")
         lines.extend(self.notes())
         return "\n".join(lines) + "\n"
 
     def as_markdown(self) -> str:
         """Markdown: one table per group, the paper setting in bold and marked with ``*``."""
-        out = [f"## SPADE ablations: {self.category}", "",
-               f"{self.n_train} training and {self.n_test} test images.", ""]
+        out = [
+            f"## SPADE ablations: {self.category}",
+            "",
+            f"{self.n_train} training and {self.n_test} test images.",
+            "",
+        ]
         for g in self.groups():
-            out += [f"### {GROUP_TITLES.get(g, g)}", "",
-                    "| setting | image AUROC | pixel AUROC | PRO | seconds |", "|---|---:|---:|---:|---:|"]
+            out += [
+                f"### {GROUP_TITLES.get(g, g)}",
+                "",
+                "| setting | image AUROC | pixel AUROC | PRO | seconds |",
+                "|---|---:|---:|---:|---:|",
+            ]
             for r in self.rows:
                 if r.group == g:
                     label = f"**{r.setting}** \\*" if r.default else r.setting
-                    out.append(f"| {label} | {_fmt(r.image_auroc)} | {_fmt(r.pixel_auroc)} | {_fmt(r.pro)} "
-                               f"| {r.seconds:.2f} |")
+                    out.append(
+                        f"| {label} | {_fmt(r.image_auroc)} | {_fmt(r.pixel_auroc)} | {_fmt(r.pro)} | {r.seconds:.2f} |"
+                    )
             out.append("")
         # A leading "*" would start Markdown emphasis: escape it.
         out += ["- " + ("\\" + n if n.startswith("*") else n) for n in self.notes()]
@@ -211,7 +231,9 @@ def random_galleries(n_test: int, n_train: int, k: int, seed: int) -> np.ndarray
     return np.stack([rng.choice(n_train, size=k, replace=False) for _ in range(n_test)]).astype(np.int64)
 
 
-def _plan(kc: int, sigma: float, ks: Sequence[int], sigmas: Sequence[float], n_train: int) -> list[tuple[str, str, _Config]]:
+def _plan(
+    kc: int, sigma: float, ks: Sequence[int], sigmas: Sequence[float], n_train: int
+) -> list[tuple[str, str, _Config]]:
     """(group, label, config) for every row, in display order."""
     centre = _Config(ALL_LEVELS, kc, "nearest", float(sigma))
     rows: list[tuple[str, str, _Config]] = []
@@ -248,8 +270,12 @@ def run_ablation(
     t_start = time.perf_counter()
     base = base if base is not None else SPADE()
     if tuple(sorted(base.levels)) != ALL_LEVELS:
-        warnings.warn(f"the ablation varies the pyramid levels itself: base levels {tuple(base.levels)} are "
-                      "ignored and the paper setting uses all three", SpadeWarning, stacklevel=2)
+        warnings.warn(
+            f"the ablation varies the pyramid levels itself: base levels {tuple(base.levels)} are "
+            "ignored and the paper setting uses all three",
+            SpadeWarning,
+            stacklevel=2,
+        )
     if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
         raise SpadeError(f"ks must be positive integers, got {tuple(ks)!r}")
     if any(isinstance(s, bool) or not isinstance(s, (int, float)) or not s >= 0 for s in sigmas):
@@ -257,9 +283,17 @@ def run_ablation(
     if not ds.train or not ds.test:
         raise SpadeError(f"{ds.name}: the ablation needs training and test images")
     model = SPADE(
-        backbone=base.backbone, k=base.k, kappa=base.kappa, levels=ALL_LEVELS, sigma=base.sigma,
-        image_size=base.image_size, crop_size=base.crop_size, weights=base.weights,
-        batch_size=base.batch_size, progress=progress, max_pixels=base.max_pixels,
+        backbone=base.backbone,
+        k=base.k,
+        kappa=base.kappa,
+        levels=ALL_LEVELS,
+        sigma=base.sigma,
+        image_size=base.image_size,
+        crop_size=base.crop_size,
+        weights=base.weights,
+        batch_size=base.batch_size,
+        progress=progress,
+        max_pixels=base.max_pixels,
     )
     # The only two backbone passes: all levels are extracted, so every level row reuses them.
     model.fit(ds.train)
@@ -334,14 +368,34 @@ def run_ablation(
     rows = []
     for group, label, cfg in plan:
         img, pix, pro, secs, maps, scores = results[cfg]
-        rows.append(AblationRow(
-            group=group, setting=label, image_auroc=img, pixel_auroc=pix, pro=pro, seconds=secs,
-            default=cfg == centre, levels=cfg.levels, k=cfg.k, gallery=cfg.gallery, sigma=cfg.sigma,
-            maps=maps, image_scores=scores,
-        ))
+        rows.append(
+            AblationRow(
+                group=group,
+                setting=label,
+                image_auroc=img,
+                pixel_auroc=pix,
+                pro=pro,
+                seconds=secs,
+                default=cfg == centre,
+                levels=cfg.levels,
+                k=cfg.k,
+                gallery=cfg.gallery,
+                sigma=cfg.sigma,
+                maps=maps,
+                image_scores=scores,
+            )
+        )
     config = {k: v for k, v in model.get_config().items() if k not in ("thresholds", "n_train")}
     return AblationResult(
-        category=ds.name, rows=rows, n_train=n_train, n_test=n_test, seed=seed, k=kc, sigma=float(model.sigma),
-        config=config, fit_seconds=t_fit - t_start, test_features_seconds=t_test - t_fit,
+        category=ds.name,
+        rows=rows,
+        n_train=n_train,
+        n_test=n_test,
+        seed=seed,
+        k=kc,
+        sigma=float(model.sigma),
+        config=config,
+        fit_seconds=t_fit - t_start,
+        test_features_seconds=t_test - t_fit,
         total_seconds=time.perf_counter() - t_start,
     )

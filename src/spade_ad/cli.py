@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .backbones import available_backbones
+from .bank import atomic_write
 from .data import expand_inputs, load_folders, load_labelled, load_mvtec, load_preprocessed
 from .errors import SpadeError
 from .evaluate import evaluate_dataset, find_categories, set_thresholds_from_validation, summarise
 from .model import IMAGE_SCORES, SPADE, Explanation
-from .bank import atomic_write
-from .presets import PRESETS
 from .output import check_can_write, staged_dir, unique_stems, write_csv, write_json
+from .presets import PRESETS
 from .viz import heatmap_overlay, rebuild_from_matches
 
 
@@ -46,40 +46,118 @@ def _parse_levels(ctx: click.Context, param: click.Parameter, value: str) -> tup
 def model_options(f: Callable) -> Callable:
     """The hyper-parameters shared by ``fit`` and ``evaluate`` (paper defaults)."""
     opts = [
-        click.option("--preset", type=click.Choice(list(PRESETS)), default="paper", show_default=True,
-                     help="Named settings (see README); options given explicitly override it."),
-        click.option("--backbone", type=click.Choice(available_backbones()), default="efficientnet_lite0",
-                     show_default=True, help="Feature extractor (efficientnet_lite0 is embedded)."),
-        click.option("--weights", default=None,
-                     help="Backbone weights file (default: embedded package / torch hub cache); 'random' for tests."),
-        click.option("--k", "k", type=click.IntRange(min=1), default=50, show_default=True,
-                     help="Nearest normal images (image score and pixel gallery)."),
-        click.option("--kappa", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Nearest gallery features per pixel."),
-        click.option("--levels", default="1,2,3", callback=_parse_levels, show_default=True,
-                     help="Pyramid levels: 1=stride 4, 2=stride 8, 3=stride 16."),
-        click.option("--sigma", type=click.FloatRange(min=0), default=4.0, show_default=True,
-                     help="Gaussian smoothing of the anomaly map (0 = none)."),
-        click.option("--image-size", type=click.IntRange(min=1), default=256, show_default=True,
-                     help="Resize to this square before cropping."),
-        click.option("--crop-size", type=click.IntRange(min=1), default=224, show_default=True,
-                     help="Centre crop; anomaly maps have this size."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-                     help="Images per backbone batch."),
-        click.option("--image-score", type=click.Choice(list(IMAGE_SCORES)), default="knn", show_default=True,
-                     help="knn (paper), map_max (maximum of the anomaly map), or knn*map_max."),
-        click.option("--image-k", type=click.IntRange(min=1), default=None,
-                     help="Nearest normal images for the kNN image score (default: --k)."),
-        click.option("--patch-size", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Average pixel features over odd PxP neighbourhoods before matching (1 = paper)."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-                     help="Pixel search products: fp32 (exact) or bf16 (opt-in, faster on wide features)."),
-        click.option("--window", type=click.IntRange(min=0), default=None,
-                     help="Match each pixel only within +-R gallery positions (opt-in; aligned objects only)."),
-        click.option("--geometry", type=click.Choice(["squash", "pad"]), default="squash", show_default=True,
-                     help="squash to a square (paper) or keep the aspect ratio and pad (metrics on the image only)."),
-        click.option("--bank-dtype", type=click.Choice(["float32", "float16"]), default="float32",
-                     show_default=True, help="Storage of the pixel features in the model (float16 halves it)."),
+        click.option(
+            "--preset",
+            type=click.Choice(list(PRESETS)),
+            default="paper",
+            show_default=True,
+            help="Named settings (see README); options given explicitly override it.",
+        ),
+        click.option(
+            "--backbone",
+            type=click.Choice(available_backbones()),
+            default="efficientnet_lite0",
+            show_default=True,
+            help="Feature extractor (efficientnet_lite0 is embedded).",
+        ),
+        click.option(
+            "--weights",
+            default=None,
+            help="Backbone weights file (default: embedded package / torch hub cache); 'random' for tests.",
+        ),
+        click.option(
+            "--k",
+            "k",
+            type=click.IntRange(min=1),
+            default=50,
+            show_default=True,
+            help="Nearest normal images (image score and pixel gallery).",
+        ),
+        click.option(
+            "--kappa",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Nearest gallery features per pixel.",
+        ),
+        click.option(
+            "--levels",
+            default="1,2,3",
+            callback=_parse_levels,
+            show_default=True,
+            help="Pyramid levels: 1=stride 4, 2=stride 8, 3=stride 16.",
+        ),
+        click.option(
+            "--sigma",
+            type=click.FloatRange(min=0),
+            default=4.0,
+            show_default=True,
+            help="Gaussian smoothing of the anomaly map (0 = none).",
+        ),
+        click.option(
+            "--image-size",
+            type=click.IntRange(min=1),
+            default=256,
+            show_default=True,
+            help="Resize to this square before cropping.",
+        ),
+        click.option(
+            "--crop-size",
+            type=click.IntRange(min=1),
+            default=224,
+            show_default=True,
+            help="Centre crop; anomaly maps have this size.",
+        ),
+        click.option(
+            "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per backbone batch."
+        ),
+        click.option(
+            "--image-score",
+            type=click.Choice(list(IMAGE_SCORES)),
+            default="knn",
+            show_default=True,
+            help="knn (paper), map_max (maximum of the anomaly map), or knn*map_max.",
+        ),
+        click.option(
+            "--image-k",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Nearest normal images for the kNN image score (default: --k).",
+        ),
+        click.option(
+            "--patch-size",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Average pixel features over odd PxP neighbourhoods before matching (1 = paper).",
+        ),
+        click.option(
+            "--precision",
+            type=click.Choice(["fp32", "bf16"]),
+            default="fp32",
+            show_default=True,
+            help="Pixel search products: fp32 (exact) or bf16 (opt-in, faster on wide features).",
+        ),
+        click.option(
+            "--window",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Match each pixel only within +-R gallery positions (opt-in; aligned objects only).",
+        ),
+        click.option(
+            "--geometry",
+            type=click.Choice(["squash", "pad"]),
+            default="squash",
+            show_default=True,
+            help="squash to a square (paper) or keep the aspect ratio and pad (metrics on the image only).",
+        ),
+        click.option(
+            "--bank-dtype",
+            type=click.Choice(["float32", "float16"]),
+            default="float32",
+            show_default=True,
+            help="Storage of the pixel features in the model (float16 halves it).",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -88,17 +166,41 @@ def model_options(f: Callable) -> Callable:
 
 def threshold_options(f: Callable) -> Callable:
     """How to choose decision thresholds, never from test data (shared by fit and evaluate)."""
-    f = click.option("--threshold-from", "threshold_from", type=click.Path(path_type=Path), default=None,
-                     help="Labelled validation folder (good/, <defect>/, ground_truth/<defect>/): "
-                          "F1-optimal thresholds.")(f)
-    f = click.option("--calibrate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-                     help="Hold out this fraction of the normal training images and set thresholds from their "
-                          "scores (0.99 / 0.999 quantiles of image / pixel scores).")(f)
+    f = click.option(
+        "--threshold-from",
+        "threshold_from",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Labelled validation folder (good/, <defect>/, ground_truth/<defect>/): F1-optimal thresholds.",
+    )(f)
+    f = click.option(
+        "--calibrate",
+        type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        default=None,
+        help="Hold out this fraction of the normal training images and set thresholds from their "
+        "scores (0.99 / 0.999 quantiles of image / pixel scores).",
+    )(f)
     return f
 
 
-_MODEL_KEYS = ("backbone", "weights", "k", "kappa", "levels", "sigma", "image_size", "crop_size", "batch_size",
-               "image_score", "image_k", "patch_size", "precision", "window", "bank_dtype", "geometry")
+_MODEL_KEYS = (
+    "backbone",
+    "weights",
+    "k",
+    "kappa",
+    "levels",
+    "sigma",
+    "image_size",
+    "crop_size",
+    "batch_size",
+    "image_score",
+    "image_k",
+    "patch_size",
+    "precision",
+    "window",
+    "bank_dtype",
+    "geometry",
+)
 
 
 def _make_model(opts: dict[str, Any], progress: bool = True) -> SPADE:
@@ -118,7 +220,7 @@ def _handle_errors(f: Callable) -> Callable:
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        def show(message, category, filename, lineno, file=None, line=None):
             click.echo(f"warning: {message}", err=True)
 
         old = warnings.showwarning
@@ -161,8 +263,9 @@ def main() -> None:
 @model_options
 @threshold_options
 @_handle_errors
-def fit(data: Path, out: Path, overwrite: bool, calibrate: float | None, threshold_from: Path | None,
-        **opts: Any) -> None:
+def fit(
+    data: Path, out: Path, overwrite: bool, calibrate: float | None, threshold_from: Path | None, **opts: Any
+) -> None:
     """Fit on DATA: a folder of normal images, or an MVTec category folder (its train/good is used)."""
     check_can_write(out, overwrite)
     if calibrate is not None and threshold_from is not None:
@@ -174,8 +277,10 @@ def fit(data: Path, out: Path, overwrite: bool, calibrate: float | None, thresho
     if validation is not None:
         set_thresholds_from_validation(model, validation)
     model.save(out)
-    click.echo(f"fitted on {len(model.train_paths_)} images from {train_dir} in {time.perf_counter() - t0:.1f} s; "
-               f"model written to {out}")
+    click.echo(
+        f"fitted on {len(model.train_paths_)} images from {train_dir} in {time.perf_counter() - t0:.1f} s; "
+        f"model written to {out}"
+    )
     if model.thresholds_ is not None:
         th = model.thresholds_
         pixel = "none" if th.pixel is None else f"{th.pixel:.6g}"
@@ -189,15 +294,35 @@ def fit(data: Path, out: Path, overwrite: bool, calibrate: float | None, thresho
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--weights", default=None, help="Backbone weights file, if not where it was at fit time.")
 @click.option("--no-overlays", is_flag=True, help="Skip the overlay PNGs (faster).")
-@click.option("--explain", is_flag=True,
-              help="Also write explain/<stem>_neighbors.csv and explain/<stem>.png (image | rebuilt from matches).")
-@click.option("--segment-above", type=float, default=None,
-              help="Run the pixel stage only for images whose kNN image score exceeds this value.")
-@click.option("--mmap/--no-mmap", default=True, show_default=True,
-              help="Leave the pixel features in the model file and read only each image's K neighbours.")
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="Also write explain/<stem>_neighbors.csv and explain/<stem>.png (image | rebuilt from matches).",
+)
+@click.option(
+    "--segment-above",
+    type=float,
+    default=None,
+    help="Run the pixel stage only for images whose kNN image score exceeds this value.",
+)
+@click.option(
+    "--mmap/--no-mmap",
+    default=True,
+    show_default=True,
+    help="Leave the pixel features in the model file and read only each image's K neighbours.",
+)
 @_handle_errors
-def predict(model_path: Path, images: tuple[Path, ...], out: Path, overwrite: bool, weights: str | None,
-            no_overlays: bool, explain: bool, segment_above: float | None, mmap: bool) -> None:
+def predict(
+    model_path: Path,
+    images: tuple[Path, ...],
+    out: Path,
+    overwrite: bool,
+    weights: str | None,
+    no_overlays: bool,
+    explain: bool,
+    segment_above: float | None,
+    mmap: bool,
+) -> None:
     """Score IMAGES (files and/or folders) with MODEL.
 
     Writes OUT/scores.csv (path,image_score[,is_anomalous][,segmented]), OUT/maps/<stem>.npy (float32
@@ -226,8 +351,9 @@ def predict(model_path: Path, images: tuple[Path, ...], out: Path, overwrite: bo
             (tmp / "explain").mkdir()
         seg_maps = pred.anomaly_maps[segmented]
         vmin, vmax = (float(seg_maps.min()), float(seg_maps.max())) if len(seg_maps) else (0.0, 1.0)
-        for i, (path, stem, amap) in enumerate(tqdm(list(zip(paths, stems, pred.anomaly_maps)), desc="writing",
-                                                    unit="img", leave=False)):
+        for i, (path, stem, amap) in enumerate(
+            tqdm(list(zip(paths, stems, pred.anomaly_maps)), desc="writing", unit="img", leave=False)
+        ):
             if not segmented[i]:
                 continue
             np.save(tmp / "maps" / f"{stem}.npy", amap)
@@ -254,15 +380,22 @@ def predict(model_path: Path, images: tuple[Path, ...], out: Path, overwrite: bo
         write_csv(tmp / "scores.csv", header, rows)
     n_seg = int(segmented.sum())
     seg_note = f", {n_seg} segmented (score > {segment_above:g})" if segment_above is not None else ""
-    click.echo(f"scored {len(paths)} images in {seconds:.1f} s ({seconds / max(1, len(paths)):.3f} s per image)"
-               f"{seg_note}; results in {out}")
+    click.echo(
+        f"scored {len(paths)} images in {seconds:.1f} s ({seconds / max(1, len(paths)):.3f} s per image)"
+        f"{seg_note}; results in {out}"
+    )
 
 
 def _write_explanation(folder: Path, stem: str, e: Explanation, img: np.ndarray, model: SPADE) -> None:
     """Neighbours CSV and the correspondence picture (image | rebuilt from matched normal patches)."""
-    write_csv(folder / f"{stem}_neighbors.csv", ["rank", "train_index", "train_path", "squared_distance"],
-              [[r + 1, int(j), model.train_paths_[j], f"{d:.6g}"]
-               for r, (j, d) in enumerate(zip(e.neighbors, e.neighbor_sq_distances))])
+    write_csv(
+        folder / f"{stem}_neighbors.csv",
+        ["rank", "train_index", "train_path", "squared_distance"],
+        [
+            [r + 1, int(j), model.train_paths_[j], f"{d:.6g}"]
+            for r, (j, d) in enumerate(zip(e.neighbors, e.neighbor_sq_distances))
+        ],
+    )
     rebuilt = rebuild_from_matches(e, model.train_image)
     pair = np.concatenate([img, np.ones((3, img.shape[1], 4), np.float32), rebuilt], axis=2)
     Image.fromarray((pair.transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)).save(folder / f"{stem}.png")
@@ -274,35 +407,81 @@ def _fmt(v: float | None) -> str:
 
 @main.command()
 @click.argument("root", type=click.Path(path_type=Path), required=False)
-@click.option("--category", "categories", multiple=True,
-              help="Category folder under ROOT (repeatable), or 'all'.")
-@click.option("--train", "train_dir", type=click.Path(path_type=Path), default=None,
-              help="Plain folders instead of ROOT: folder of normal training images.")
-@click.option("--test-good", multiple=True, type=click.Path(path_type=Path),
-              help="Plain folders: folder of normal test images (repeatable).")
-@click.option("--test-anomalous", multiple=True, type=click.Path(path_type=Path),
-              help="Plain folders: folder of anomalous test images (repeatable).")
-@click.option("--masks", type=click.Path(path_type=Path), default=None,
-              help="Plain folders: masks matched to anomalous images by stem (x.png or x_mask.png).")
-@click.option("--video", type=click.Path(path_type=Path), default=None,
-              help="Video frames instead of ROOT: DIR/train/<video>/, DIR/test/<video>/, DIR/test_masks/ "
-                   "(the paper's setting: k=1 unless --k is given).")
-@click.option("--train-frames", type=click.IntRange(min=1), default=None,
-              help="With --video: subsample the training frames evenly to this many.")
+@click.option("--category", "categories", multiple=True, help="Category folder under ROOT (repeatable), or 'all'.")
+@click.option(
+    "--train",
+    "train_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Plain folders instead of ROOT: folder of normal training images.",
+)
+@click.option(
+    "--test-good",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Plain folders: folder of normal test images (repeatable).",
+)
+@click.option(
+    "--test-anomalous",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Plain folders: folder of anomalous test images (repeatable).",
+)
+@click.option(
+    "--masks",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Plain folders: masks matched to anomalous images by stem (x.png or x_mask.png).",
+)
+@click.option(
+    "--video",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Video frames instead of ROOT: DIR/train/<video>/, DIR/test/<video>/, DIR/test_masks/ "
+    "(the paper's setting: k=1 unless --k is given).",
+)
+@click.option(
+    "--train-frames",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --video: subsample the training frames evenly to this many.",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
-@click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None,
-              help="Write an HTML report folder (index.html, summary.md, report.json, img/).")
-@click.option("--gallery", type=click.IntRange(min=0), default=24, show_default=True,
-              help="Gallery images per category in the --report.")
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write an HTML report folder (index.html, summary.md, report.json, img/).",
+)
+@click.option(
+    "--gallery",
+    type=click.IntRange(min=0),
+    default=24,
+    show_default=True,
+    help="Gallery images per category in the --report.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace the --json file / --report folder if they exist.")
 @model_options
 @threshold_options
 @_handle_errors
-def evaluate(root: Path | None, categories: tuple[str, ...], train_dir: Path | None, test_good: tuple[Path, ...],
-             test_anomalous: tuple[Path, ...], masks: Path | None, video: Path | None, train_frames: int | None,
-             json_path: Path | None, report_dir: Path | None,
-             gallery: int, overwrite: bool, calibrate: float | None, threshold_from: Path | None,
-             **opts: Any) -> None:
+def evaluate(
+    root: Path | None,
+    categories: tuple[str, ...],
+    train_dir: Path | None,
+    test_good: tuple[Path, ...],
+    test_anomalous: tuple[Path, ...],
+    masks: Path | None,
+    video: Path | None,
+    train_frames: int | None,
+    json_path: Path | None,
+    report_dir: Path | None,
+    gallery: int,
+    overwrite: bool,
+    calibrate: float | None,
+    threshold_from: Path | None,
+    **opts: Any,
+) -> None:
     """Fit on normal images, score a labelled test set, report image AUROC, pixel AUROC and PRO.
 
     MVTec layout: ROOT --category C fits on ROOT/C/train/good and scores ROOT/C/test (masks from
@@ -344,21 +523,36 @@ def evaluate(root: Path | None, categories: tuple[str, ...], train_dir: Path | N
     results = []
     for ds in datasets:
         click.echo(f"{ds.name}: {len(ds.train)} train, {len(ds.test)} test images", err=True)
-        results.append(evaluate_dataset(ds, lambda: _make_model(opts), log=lambda s: click.echo(s, err=True),
-                                        calibrate=calibrate, validation=validation))
+        results.append(
+            evaluate_dataset(
+                ds,
+                lambda: _make_model(opts),
+                log=lambda s: click.echo(s, err=True),
+                calibrate=calibrate,
+                validation=validation,
+            )
+        )
     config = {k: v for k, v in results[0].model_config.items() if k != "n_train"}
-    config.update(root=str(root) if root is not None else None, torch_version=torch.__version__, python=platform.python_version())
+    config.update(
+        root=str(root) if root is not None else None, torch_version=torch.__version__, python=platform.python_version()
+    )
     summary = summarise(results, config)
-    header = f"{'category':<16} {'image AUROC':>11} {'pixel AUROC':>11} {'PRO':>7} {'train':>6} {'test':>5} {'s/img':>6}"
+    header = (
+        f"{'category':<16} {'image AUROC':>11} {'pixel AUROC':>11} {'PRO':>7} {'train':>6} {'test':>5} {'s/img':>6}"
+    )
     click.echo(header)
     click.echo("-" * len(header))
     for r in results:
-        click.echo(f"{r.category:<16} {_fmt(r.image_auroc):>11} {_fmt(r.pixel_auroc):>11} {_fmt(r.pro):>7} "
-                   f"{r.n_train:>6} {r.n_test:>5} {r.predict_seconds / r.n_test:>6.2f}")
+        click.echo(
+            f"{r.category:<16} {_fmt(r.image_auroc):>11} {_fmt(r.pixel_auroc):>11} {_fmt(r.pro):>7} "
+            f"{r.n_train:>6} {r.n_test:>5} {r.predict_seconds / r.n_test:>6.2f}"
+        )
     for r in results:
         if r.thresholds is not None:
-            click.echo(f"{r.category}: image F1 {_fmt(r.image_f1)}, pixel F1 {_fmt(r.pixel_f1)} at thresholds "
-                       f"chosen by {r.thresholds.source}")
+            click.echo(
+                f"{r.category}: image F1 {_fmt(r.image_f1)}, pixel F1 {_fmt(r.pixel_f1)} at thresholds "
+                f"chosen by {r.thresholds.source}"
+            )
     if len(results) > 1:
         m = summary["mean"]
         click.echo(f"{'mean':<16} {_fmt(m['image_auroc']):>11} {_fmt(m['pixel_auroc']):>11} {_fmt(m['pro']):>7}")
@@ -376,14 +570,22 @@ def evaluate(root: Path | None, categories: tuple[str, ...], train_dir: Path | N
 @click.argument("root", type=click.Path(path_type=Path))
 @click.option("--category", required=True, help="Category folder under ROOT (MVTec layout).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the rows as JSON.")
-@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None,
-              help="Write the tables as Markdown.")
+@click.option(
+    "--markdown", "markdown_path", type=click.Path(path_type=Path), default=None, help="Write the tables as Markdown."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random galleries (K random row).")
 @click.option("--overwrite", is_flag=True, help="Replace the --json / --markdown files if they exist.")
 @model_options
 @_handle_errors
-def ablate(root: Path, category: str, json_path: Path | None, markdown_path: Path | None, seed: int,
-           overwrite: bool, **opts: Any) -> None:
+def ablate(
+    root: Path,
+    category: str,
+    json_path: Path | None,
+    markdown_path: Path | None,
+    seed: int,
+    overwrite: bool,
+    **opts: Any,
+) -> None:
     """Ablations of the kind in paper tables 6 and 7 on one category: pyramid levels, K nearest vs K random
     gallery, k (1, 5, 10, 50) and sigma (0, 2, 4, 8) around the model options (paper defaults).
 
@@ -409,41 +611,102 @@ def ablate(root: Path, category: str, json_path: Path | None, markdown_path: Pat
 
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind (loopback by default; 0.0.0.0 exposes the service to the network).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind (loopback by default; 0.0.0.0 exposes the service to the network).",
+)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Server processes; each loads the model and batches its own requests.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Server processes; each loads the model and batches its own requests.",
+)
 @click.option("--weights", default=None, help="Backbone weights file, if not where it was at fit time.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Most images scored in one model call.")
-@click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
-              help="How long the model worker waits for more images before scoring a batch "
-                   "(0 with --max-batch 1 disables micro-batching).")
-@click.option("--queue-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Most images admitted at once; beyond that requests get 503 with Retry-After.")
-@click.option("--timeout", "request_timeout_s", type=click.FloatRange(min=0, min_open=True), default=30.0,
-              show_default=True, help="Seconds before a request is answered 504.")
-@click.option("--max-upload-bytes", type=click.IntRange(min=1), default=16 * 1024 * 1024, show_default=True,
-              help="Largest encoded image accepted (413 above).")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=16_000_000, show_default=True,
-              help="Largest image in pixels, checked before decoding (413 above).")
-@click.option("--max-batch-images", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Most images in one /v1/score/batch request.")
-@click.option("--torch-threads", type=click.IntRange(min=1), default=None,
-              help="Threads torch may use (default: torch's choice, usually one per core).")
-@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
-              show_default=True)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Most images scored in one model call.",
+)
+@click.option(
+    "--batch-wait-ms",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="How long the model worker waits for more images before scoring a batch "
+    "(0 with --max-batch 1 disables micro-batching).",
+)
+@click.option(
+    "--queue-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Most images admitted at once; beyond that requests get 503 with Retry-After.",
+)
+@click.option(
+    "--timeout",
+    "request_timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds before a request is answered 504.",
+)
+@click.option(
+    "--max-upload-bytes",
+    type=click.IntRange(min=1),
+    default=16 * 1024 * 1024,
+    show_default=True,
+    help="Largest encoded image accepted (413 above).",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=16_000_000,
+    show_default=True,
+    help="Largest image in pixels, checked before decoding (413 above).",
+)
+@click.option(
+    "--max-batch-images",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Most images in one /v1/score/batch request.",
+)
+@click.option(
+    "--torch-threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads torch may use (default: torch's choice, usually one per core).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    default="info",
+    show_default=True,
+)
 @_handle_errors
-def serve(model_path: Path, host: str, port: int, workers: int, weights: str | None, log_level: str,
-          **settings: Any) -> None:
+def serve(
+    model_path: Path, host: str, port: int, workers: int, weights: str | None, log_level: str, **settings: Any
+) -> None:
     """Serve MODEL over HTTP: POST /v1/score, /v1/score/batch; GET /v1/model, /healthz, /readyz, and an
     inspection page at / (see README, "Service")."""
     from .service.server import run
     from .service.settings import ServiceSettings
 
-    run(model_path, ServiceSettings(**settings), host=host, port=port, workers=workers, weights=weights,
-        log_level=log_level)
+    run(
+        model_path,
+        ServiceSettings(**settings),
+        host=host,
+        port=port,
+        workers=workers,
+        weights=weights,
+        log_level=log_level,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -213,8 +213,7 @@ def valid_region(height: int, width: int, image_size: int, crop_size: int, geome
 def _resize_float_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear (antialiased) resize of float RGB to (width, height), one Pillow 'F' plane per channel."""
     planes = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(rgb[:, :, c])).resize(size, Image.BILINEAR))
-        for c in range(3)
+        np.asarray(Image.fromarray(np.ascontiguousarray(rgb[:, :, c])).resize(size, Image.BILINEAR)) for c in range(3)
     ]
     return np.stack(planes, axis=2)
 
@@ -266,8 +265,7 @@ def read_mask(
     try:
         if expected_size is not None and img.size != tuple(expected_size):
             raise ImageError(
-                f"{p}: mask is {img.size[0]}x{img.size[1]} but its image is "
-                f"{expected_size[0]}x{expected_size[1]}"
+                f"{p}: mask is {img.size[0]}x{img.size[1]} but its image is {expected_size[0]}x{expected_size[1]}"
             )
         if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
             binary = np.asarray(img) > 32767
@@ -352,9 +350,7 @@ def as_image_list(images: object) -> tuple[list[ImageLike], list[str]]:
         elif images.ndim in (3, 4):
             items = [images[i] for i in range(images.shape[0])]
         else:
-            raise ImageError(
-                f"array of shape {images.shape}: expected one image (H, W, 3|4) or a batch (N, H, W[, C])"
-            )
+            raise ImageError(f"array of shape {images.shape}: expected one image (H, W, 3|4) or a batch (N, H, W[, C])")
     elif isinstance(images, Sequence) or hasattr(images, "__iter__"):
         items = []
         for x in images:  # type: ignore[union-attr]
@@ -397,7 +393,7 @@ class Dataset:
 
 def _mask_stem(mask: Path) -> str:
     stem = mask.stem
-    return stem[: -len("_mask")] if stem.endswith("_mask") else stem
+    return stem.removesuffix("_mask")
 
 
 def _attach_masks(items: list[TestItem], mask_dir: Path | None, where: str, required: bool) -> None:
@@ -475,8 +471,10 @@ def load_folders(
         dup = sorted({x for x in stems if stems.count(x) > 1})
         if dup:
             where = [str(t.path) for t in bad if t.path.stem == dup[0]]
-            raise DatasetError(f"{where[0]} and {where[1]}: anomalous images share the stem {dup[0]!r}, "
-                               "so masks cannot be matched by file name")
+            raise DatasetError(
+                f"{where[0]} and {where[1]}: anomalous images share the stem {dup[0]!r}, "
+                "so masks cannot be matched by file name"
+            )
         mdir = Path(masks)
         if not mdir.is_dir():
             raise DatasetError(f"{mdir}: no such masks folder")

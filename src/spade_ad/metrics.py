@@ -31,10 +31,10 @@ from sklearn.metrics import roc_auc_score, roc_curve
 __all__ = [
     "image_auroc",
     "pixel_auroc",
-    "pro_curve",
-    "trapezoid",
     "pro_auc",
+    "pro_curve",
     "roc_curve_points",
+    "trapezoid",
 ]
 
 # 8-connectivity, as in the MVTec code: diagonal neighbours belong to the same defect region.
@@ -49,13 +49,10 @@ def _image_inputs(labels, scores, name: str) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels)
     scores = _as_scores(scores)
     if labels.ndim != 1 or scores.ndim != 1:
-        raise ValueError(
-            f"{name}: labels and scores must be 1-D, got shapes {labels.shape} and {scores.shape}"
-        )
+        raise ValueError(f"{name}: labels and scores must be 1-D, got shapes {labels.shape} and {scores.shape}")
     if labels.shape != scores.shape:
         raise ValueError(
-            f"{name}: labels and scores must have the same length, "
-            f"got shapes {labels.shape} and {scores.shape}"
+            f"{name}: labels and scores must have the same length, got shapes {labels.shape} and {scores.shape}"
         )
     # Only 0/1 are accepted: sklearn would silently take the larger of any two values as the
     # positive class, so e.g. labels {1, 2} would "work" and mean something else.
@@ -74,8 +71,7 @@ def _pixel_inputs(masks, maps, name: str) -> tuple[np.ndarray, np.ndarray]:
     maps = _as_scores(maps)
     if masks.shape != maps.shape or masks.ndim != 3:
         raise ValueError(
-            f"{name}: masks and maps must both have shape (N, H, W), "
-            f"got masks {masks.shape} and maps {maps.shape}"
+            f"{name}: masks and maps must both have shape (N, H, W), got masks {masks.shape} and maps {maps.shape}"
         )
     if masks.dtype != bool:
         # Non-zero = defect, like scipy.ndimage.label in the MVTec code (so 0/255 PNG masks
@@ -245,14 +241,11 @@ def trapezoid(x, y, x_max: float | None = None) -> float:
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.ndim != 1 or x.shape != y.shape:
-        raise ValueError(
-            f"trapezoid: x and y must be 1-D of the same length, got shapes {x.shape} and {y.shape}"
-        )
+        raise ValueError(f"trapezoid: x and y must be 1-D of the same length, got shapes {x.shape} and {y.shape}")
     finite = np.isfinite(x) & np.isfinite(y)
     if not finite.all():
         warnings.warn(
-            f"trapezoid: dropping {int(np.count_nonzero(~finite))} point(s) with a non-finite "
-            "x or y value",
+            f"trapezoid: dropping {int(np.count_nonzero(~finite))} point(s) with a non-finite x or y value",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -271,9 +264,7 @@ def trapezoid(x, y, x_max: float | None = None) -> float:
                 )
             # The y value at x_max is unknown: interpolate between its neighbours, then add
             # the area of the partial trapezoid from x[ins - 1] to x_max.
-            y_interp = y[ins - 1] + (
-                (y[ins] - y[ins - 1]) * (x_max - x[ins - 1]) / (x[ins] - x[ins - 1])
-            )
+            y_interp = y[ins - 1] + ((y[ins] - y[ins - 1]) * (x_max - x[ins - 1]) / (x[ins] - x[ins - 1]))
             correction = 0.5 * (y_interp + y[ins - 1]) * (x_max - x[ins - 1])
         keep = x <= x_max
         x = x[keep]

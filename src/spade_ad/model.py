@@ -33,7 +33,6 @@ from .thresholds import (
     split_holdout,
 )
 
-
 IMAGE_SCORES = ("knn", "map_max", "knn*map_max")
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -230,7 +229,14 @@ class SPADE:
     def _extract(self, images: Any, desc: str) -> tuple[Features, list[str]]:
         items, names = as_image_list(images)
         feats = extract_features(
-            self._get_backbone(), items, names, self._prep, tuple(self.levels), self.batch_size, self.progress, desc,
+            self._get_backbone(),
+            items,
+            names,
+            self._prep,
+            tuple(self.levels),
+            self.batch_size,
+            self.progress,
+            desc,
             patch_size=self.patch_size,
         )
         return feats, names
@@ -331,8 +337,14 @@ class SPADE:
             for start in range(0, n, chunk):
                 stop = min(start + chunk, n)
                 feats = extract_features(
-                    self._get_backbone(), items[start:stop], names[start:stop], self._prep,
-                    tuple(self.levels), self.batch_size, progress=False, patch_size=self.patch_size,
+                    self._get_backbone(),
+                    items[start:stop],
+                    names[start:stop],
+                    self._prep,
+                    tuple(self.levels),
+                    self.batch_size,
+                    progress=False,
+                    patch_size=self.patch_size,
                 )
                 knn_score, nb, dist2 = self._knn(feats.global_)
                 neighbors[start:stop] = nb.numpy()
@@ -357,8 +369,10 @@ class SPADE:
             return None
         items, found = as_image_list(images) if names is None else (images, names)
         return np.stack(
-            [valid_region(*item_size(it, nm), self.image_size, self.crop_size, self.geometry)
-             for it, nm in zip(items, found)]
+            [
+                valid_region(*item_size(it, nm), self.image_size, self.crop_size, self.geometry)
+                for it, nm in zip(items, found)
+            ]
         )
 
     def _knn(self, global_: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
@@ -548,7 +562,9 @@ class SPADE:
         if bank.global_.shape[1] != info.global_dim or tuple(lv.shape[-1] for lv in bank.levels) != chans:
             raise ModelFileError(f"{path}: feature sizes do not match backbone {model.backbone}")
         if any(lv.dtype != BANK_DTYPES[model.bank_dtype] for lv in bank.levels):
-            raise ModelFileError(f"{path}: pixel features are not stored as {model.bank_dtype} as its configuration says")
+            raise ModelFileError(
+                f"{path}: pixel features are not stored as {model.bank_dtype} as its configuration says"
+            )
         model.bank_ = bank
         model.k_ = min(model.k, len(bank))
         model.image_k_ = min(model.image_k or model.k, len(bank))

@@ -195,8 +195,7 @@ def _plot_curves(results: list[CategoryResult], img_dir: Path) -> list[tuple[str
             y = np.append(pros[keep], np.interp(0.3, fprs, pros))
             x, y = _thin(x, y)
             ax.plot(x, y, color=c, lw=1.5, label=f"{r.category} (AU-PRO {r.pro:.3f})")
-        ax.set(xlabel="false positive rate (normal pixels)", ylabel="per-region overlap", xlim=(0, 0.3),
-               ylim=(0, 1.01))
+        ax.set(xlabel="false positive rate (normal pixels)", ylabel="per-region overlap", xlim=(0, 0.3), ylim=(0, 1.01))
         ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         fig.savefig(img_dir / "pro.png")
@@ -223,22 +222,51 @@ def _table_rows(results: list[CategoryResult], summary: dict[str, Any]) -> tuple
     rows = []
     for r in results:
         d = summary[r.category]
-        row = [r.category, _fmt(d["image_auroc"]), _fmt(d["pixel_auroc"]), _fmt(d["pro"]), str(d["n_train"]),
-               str(d["n_test"]), _fmt(d["seconds_per_test_image"])]
+        row = [
+            r.category,
+            _fmt(d["image_auroc"]),
+            _fmt(d["pixel_auroc"]),
+            _fmt(d["pro"]),
+            str(d["n_train"]),
+            str(d["n_test"]),
+            _fmt(d["seconds_per_test_image"]),
+        ]
         if th:
             t = d["thresholds"]
             row += [_fmt(d["image_f1"]), _fmt(d["pixel_f1"])]
-            row += ["—", "—", "no thresholds"] if t is None else [
-                f"{t['image']:.6g}", "—" if t["pixel"] is None else f"{t['pixel']:.6g}", t["source"]]
+            row += (
+                ["—", "—", "no thresholds"]
+                if t is None
+                else [f"{t['image']:.6g}", "—" if t["pixel"] is None else f"{t['pixel']:.6g}", t["source"]]
+            )
         rows.append(row)
     pad = [""] * (len(header) - 7)
     if len(results) > 1:
         m = summary["mean"]
-        rows.append(["mean (ours)", _fmt(m["image_auroc"]), _fmt(m["pixel_auroc"]), _fmt(m["pro"]),
-                     str(m["n_train"]), str(m["n_test"]), "—"] + pad)
-    rows.append([PAPER_LABEL, _fmt(PAPER_MEAN["image_auroc"], 3),
-                 f"{PAPER_MEAN['pixel_auroc']:.3f} (often quoted 0.965)", _fmt(PAPER_MEAN["pro"], 3),
-                 "—", "—", "—"] + pad)
+        rows.append(
+            [
+                "mean (ours)",
+                _fmt(m["image_auroc"]),
+                _fmt(m["pixel_auroc"]),
+                _fmt(m["pro"]),
+                str(m["n_train"]),
+                str(m["n_test"]),
+                "—",
+            ]
+            + pad
+        )
+    rows.append(
+        [
+            PAPER_LABEL,
+            _fmt(PAPER_MEAN["image_auroc"], 3),
+            f"{PAPER_MEAN['pixel_auroc']:.3f} (often quoted 0.965)",
+            _fmt(PAPER_MEAN["pro"], 3),
+            "—",
+            "—",
+            "—",
+        ]
+        + pad
+    )
     return header, rows
 
 
@@ -246,13 +274,19 @@ def _notes(config: dict[str, Any]) -> list[str]:
     """Plain-text caveats shown under the table (HTML-escaped by the caller)."""
     backbone = config.get("backbone", "unknown")
     return [
-        ("The paper row is the mean over the 15 MVTec AD categories reported by Cohen & Hoshen (2020) with a "
-         "WRN-50-2 backbone. Per-category paper numbers are not shown because they could not be verified "
-         "offline."),
-        (f"Our backbone is {backbone}, which differs from the paper's WRN-50-2, so the comparison is indicative "
-         "only; a mean over fewer than the 15 MVTec categories is not comparable with the paper's mean either."),
-        ("s / test image is prediction time divided by the number of test images (features, k-NN search and "
-         "maps; fitting not included)."),
+        (
+            "The paper row is the mean over the 15 MVTec AD categories reported by Cohen & Hoshen (2020) with a "
+            "WRN-50-2 backbone. Per-category paper numbers are not shown because they could not be verified "
+            "offline."
+        ),
+        (
+            f"Our backbone is {backbone}, which differs from the paper's WRN-50-2, so the comparison is indicative "
+            "only; a mean over fewer than the 15 MVTec categories is not comparable with the paper's mean either."
+        ),
+        (
+            "s / test image is prediction time divided by the number of test images (features, k-NN search and "
+            "maps; fitting not included)."
+        ),
     ]
 
 
@@ -300,16 +334,19 @@ class _Category:
         Image.fromarray(np.repeat(strip[None], 12, axis=0)).save(self.dir / "scale.png")
         th = self.r.thresholds
         pix = "" if th is None or th.pixel is None else f"; pixel threshold {th.pixel:.4g}"
-        return (f'<p class="scale">heatmap colour scale for this category: {self.vmin:.4g} '
-                f'<img src="{self.rel}/scale.png" width="256" height="12" alt="jet colour scale"> '
-                f"{self.vmax:.4g} (min and max of all its test anomaly maps{pix})</p>")
+        return (
+            f'<p class="scale">heatmap colour scale for this category: {self.vmin:.4g} '
+            f'<img src="{self.rel}/scale.png" width="256" height="12" alt="jet colour scale"> '
+            f"{self.vmax:.4g} (min and max of all its test anomaly maps{pix})</p>"
+        )
 
     def _thumb(self, j: int) -> str:
         if j not in self.thumbs:
             rgb = _to_uint8(self.train_image(j))
             size = min(rgb.shape[0], 2 * THUMB)
-            _save_photo(np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR)),
-                        self.dir / f"train_{j:05d}.jpg")
+            _save_photo(
+                np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR)), self.dir / f"train_{j:05d}.jpg"
+            )
             self.thumbs[j] = f"{self.rel}/train_{j:05d}.jpg"
         return self.thumbs[j]
 
@@ -333,22 +370,35 @@ class _Category:
             else:
                 Image.fromarray(arr).save(path)
             w = SHOW * arr.shape[1] // arr.shape[0]
-            figs.append(f'<figure style="width:{w}px"><img src="{self.rel}/{path.name}" width="{w}" height="{SHOW}" '
-                        f'alt="{html.escape(alt)}"><figcaption>{caption}</figcaption></figure>')
+            figs.append(
+                f'<figure style="width:{w}px"><img src="{self.rel}/{path.name}" width="{w}" height="{SHOW}" '
+                f'alt="{html.escape(alt)}"><figcaption>{caption}</figcaption></figure>'
+            )
 
         def placeholder(text: str, caption: str) -> None:
-            figs.append(f'<figure style="width:{SHOW}px"><div class="none" style="height:{SHOW}px">{text}</div>'
-                        f"<figcaption>{caption}</figcaption></figure>")
+            figs.append(
+                f'<figure style="width:{SHOW}px"><div class="none" style="height:{SHOW}px">{text}</div>'
+                f"<figcaption>{caption}</figcaption></figure>"
+            )
 
         pic(rgb, "input", "input (cropped as the model sees it)", "input image")
         gt = None if r.masks is None else r.masks[i]
         if gt is None:
             placeholder("no ground truth masks", "ground truth")
         else:
-            pic((gt * 255).astype(np.uint8), "gt", "ground truth mask" + ("" if gt.any() else " (empty)"),
-                "ground truth mask", photo=False)
-        pic(heatmap_overlay(img, amap, self.vmin, self.vmax), "heat", "anomaly map (category colour scale)",
-            "heatmap overlay")
+            pic(
+                (gt * 255).astype(np.uint8),
+                "gt",
+                "ground truth mask" + ("" if gt.any() else " (empty)"),
+                "ground truth mask",
+                photo=False,
+            )
+        pic(
+            heatmap_overlay(img, amap, self.vmin, self.vmax),
+            "heat",
+            "anomaly map (category colour scale)",
+            "heatmap overlay",
+        )
         if th is not None and th.pixel is not None:
             out = rgb.copy()
             if gt is not None:
@@ -358,8 +408,12 @@ class _Category:
             legend = '<span class="red">red</span>: map &ge; pixel threshold'
             if gt is not None:
                 legend += ', <span class="green">green</span>: ground truth'
-            pic(out, "outline", f"thresholded outline ({legend}; {100 * pred.mean():.1f}% of pixels)",
-                "thresholded outline")
+            pic(
+                out,
+                "outline",
+                f"thresholded outline ({legend}; {100 * pred.mean():.1f}% of pixels)",
+                "thresholded outline",
+            )
         else:
             placeholder("no threshold", "thresholded outline: no pixel threshold")
 
@@ -368,14 +422,21 @@ class _Category:
         for rank_nb, (j, d2) in enumerate(zip(e.neighbors[:3], e.neighbor_sq_distances[:3]), start=1):
             j = int(j)
             train_name = html.escape(_short_name(m.train_paths_[j]))
-            nbs.append(f'<figure><img src="{self._thumb(j)}" width="{THUMB}" height="{THUMB}" '
-                       f'alt="nearest normal image {rank_nb}"><figcaption>nearest normal #{rank_nb}<br>'
-                       f"{train_name}<br>squared distance {float(d2):.4g}</figcaption></figure>")
+            nbs.append(
+                f'<figure><img src="{self._thumb(j)}" width="{THUMB}" height="{THUMB}" '
+                f'alt="nearest normal image {rank_nb}"><figcaption>nearest normal #{rank_nb}<br>'
+                f"{train_name}<br>squared distance {float(d2):.4g}</figcaption></figure>"
+            )
         rebuilt = rebuild_from_matches(e, self.train_image)
         gap = np.ones((3, img.shape[1], max(2, img.shape[2] // 56)), np.float32)
         pair = _to_uint8(np.concatenate([img, gap, rebuilt], axis=2))
-        pic(pair, "rebuilt", "correspondence: test image (left) | rebuilt from its matched normal patches "
-            f"(right; level {e.level}, stride {e.stride})", "test image and its rebuild from normal patches")
+        pic(
+            pair,
+            "rebuilt",
+            "correspondence: test image (left) | rebuilt from its matched normal patches "
+            f"(right; level {e.level}, stride {e.stride})",
+            "test image and its rebuild from normal patches",
+        )
 
         if th is None:
             verdict = "no image threshold"
@@ -389,7 +450,7 @@ class _Category:
         truth = f"anomalous ({html.escape(Path(name).parent.name)})" if anomalous else "normal"
         return (
             f'<div class="entry" data-test-index="{i}" data-badness="{badness:.6g}">'
-            f'<h4>#{rank} &middot; {html.escape(_short_name(name))} &middot; {truth} &middot; '
+            f"<h4>#{rank} &middot; {html.escape(_short_name(name))} &middot; {truth} &middot; "
             f"score {score:.4g} &middot; {verdict} &middot; {how} {badness:+.4g}</h4>"
             f'<div class="row">{"".join(figs)}</div>'
             f'<div class="row nb">{"".join(nbs)}</div></div>'
@@ -419,8 +480,11 @@ border:1px dashed #aaa;box-sizing:border-box}
 
 def _html_table(results: list[CategoryResult], summary: dict[str, Any]) -> str:
     header, rows = _table_rows(results, summary)
-    out = ['<table id="results"><thead><tr>' + "".join(f"<th>{html.escape(h)}</th>" for h in header)
-           + "</tr></thead><tbody>"]
+    out = [
+        '<table id="results"><thead><tr>'
+        + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        + "</tr></thead><tbody>"
+    ]
     names = [r.category for r in results]
     for k, row in enumerate(rows):
         if k < len(names):
@@ -428,8 +492,10 @@ def _html_table(results: list[CategoryResult], summary: dict[str, Any]) -> str:
         else:
             attrs = ' class="paper"' if row[0] == PAPER_LABEL else ' class="mean"'
         cells = [f"<td>{html.escape(row[0])}</td>"]
-        cells += [f'<td class="num">{html.escape(c)}</td>' if c[:1].isdigit() else f"<td>{html.escape(c)}</td>"
-                  for c in row[1:]]
+        cells += [
+            f'<td class="num">{html.escape(c)}</td>' if c[:1].isdigit() else f"<td>{html.escape(c)}</td>"
+            for c in row[1:]
+        ]
         out.append(f"<tr{attrs}>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
@@ -479,7 +545,8 @@ def write_report(
                     f'<h3 id="gallery-{html.escape(r.category)}">{html.escape(r.category)}: '
                     f"{len(c.shown)} of {n_test} test images, worst first "
                     f"({'by threshold margin' if c.order.rule == 'threshold' else 'by rank, no threshold'})</h3>"
-                    + c.colour_scale() + "\n".join(entries)
+                    + c.colour_scale()
+                    + "\n".join(entries)
                 )
 
         cat_names = ", ".join(html.escape(r.category) for r in results)
@@ -497,8 +564,13 @@ categories: {cat_names}; written {when}. Files: <a href="summary.md">summary.md<
 {_html_table(results, summary)}
 <ul class="note">{"".join(f"<li>{html.escape(n)}</li>" for n in _notes(config))}</ul>
 <h2>Curves</h2>
-<div class="row">{"".join(f'<figure><img src="{src}" width="416" height="352" alt="{html.escape(cap)}">'
-                          f'<figcaption>{html.escape(cap)}</figcaption></figure>' for src, cap in curves)}</div>
+<div class="row">{
+            "".join(
+                f'<figure><img src="{src}" width="416" height="352" alt="{html.escape(cap)}">'
+                f"<figcaption>{html.escape(cap)}</figcaption></figure>"
+                for src, cap in curves
+            )
+        }</div>
 {"" if len(curves) == 3 else '<p class="note">No ground truth masks: no pixel-level ROC or PRO curve.</p>'}
 <h2>Gallery</h2>
 <p class="note">{GALLERY_RULE} At most {int(gallery_per_category)} images per category. Each entry shows the

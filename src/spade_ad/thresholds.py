@@ -40,8 +40,12 @@ class Thresholds:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Thresholds:
         """Inverse of :meth:`as_dict`."""
-        return cls(float(d["image"]), None if d.get("pixel") is None else float(d["pixel"]), str(d["source"]),
-                   int(d["n_images"]))
+        return cls(
+            float(d["image"]),
+            None if d.get("pixel") is None else float(d["pixel"]),
+            str(d["source"]),
+            int(d["n_images"]),
+        )
 
 
 def split_holdout(items: list[Any], fraction: float, seed: int = 0) -> tuple[list[Any], list[Any]]:
@@ -51,8 +55,9 @@ def split_holdout(items: list[Any], fraction: float, seed: int = 0) -> tuple[lis
     n = len(items)
     n_hold = int(round(n * fraction))
     if n_hold < 1 or n_hold >= n:
-        raise SpadeError(f"calibration fraction {fraction} of {n} training images leaves no images to "
-                         "hold out or none to fit on")
+        raise SpadeError(
+            f"calibration fraction {fraction} of {n} training images leaves no images to hold out or none to fit on"
+        )
     chosen = set(np.random.default_rng(seed).permutation(n)[:n_hold].tolist())
     keep = [x for i, x in enumerate(items) if i not in chosen]
     hold = [x for i, x in enumerate(items) if i in chosen]

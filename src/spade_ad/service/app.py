@@ -40,8 +40,10 @@ log = logging.getLogger("uvicorn.error")
 ModelSource = SPADE | Callable[[], SPADE]
 
 #: The inspection page may talk to this server only: no CDN, no other origin, pictures from data: URLs.
-PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-            "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 class _Service:
@@ -69,9 +71,12 @@ class _Service:
                 warm = Job(np.full((model.image_size, model.image_size, 3), 128, np.uint8), "warm-up")
                 render_pictures(model, warm, score_jobs(model, [warm])[0])
             self.model = model
-            self.batcher = MicroBatcher(partial(score_jobs, model), max_batch=self.settings.max_batch,
-                                        wait_s=self.settings.batch_wait_ms / 1000.0,
-                                        capacity=self.settings.queue_size)
+            self.batcher = MicroBatcher(
+                partial(score_jobs, model),
+                max_batch=self.settings.max_batch,
+                wait_s=self.settings.batch_wait_ms / 1000.0,
+                capacity=self.settings.queue_size,
+            )
             self.ready.set()
             log.info("model ready: %s, %d training images", model.backbone, len(model.train_paths_))
         except BaseException as exc:  # noqa: BLE001 - reported by /readyz and the log, not lost in a thread
@@ -91,8 +96,10 @@ class _Service:
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "Malformed request (e.g. broken multipart body)."},
-    413: {"model": Problem, "description": "Upload over the byte limit, image over the pixel limit, or too "
-                                           "many images."},
+    413: {
+        "model": Problem,
+        "description": "Upload over the byte limit, image over the pixel limit, or too many images.",
+    },
     415: {"model": Problem, "description": "Content type is not an accepted image type nor multipart/form-data."},
     422: {"model": Problem, "description": "Not a decodable image of an accepted format, or invalid parameters."},
     503: {"model": Problem, "description": "Queue full or model not ready; retry after Retry-After seconds."},
@@ -107,16 +114,16 @@ def _request_body(field: str, many: bool) -> dict[str, Any]:
     if many:
         file_schema = {"type": "array", "items": file_schema, "minItems": 1}
     content: dict[str, Any] = {
-        "multipart/form-data": {"schema": {"type": "object", "properties": {field: file_schema},
-                                           "required": [field]}},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {field: file_schema}, "required": [field]}},
     }
     if not many:
         content.update({t: _IMAGE_BODY for t in ACCEPTED_CONTENT_TYPES})
     return {"requestBody": {"required": True, "content": content}}
 
 
-def create_app(model: ModelSource, settings: ServiceSettings | None = None, load_before_serving: bool = False
-               ) -> FastAPI:
+def create_app(
+    model: ModelSource, settings: ServiceSettings | None = None, load_before_serving: bool = False
+) -> FastAPI:
     """The scoring service around ``model``: a fitted :class:`SPADE`, or a function returning one.
 
     Loading and warm-up run in a background thread, so the server answers /healthz (and /readyz with
@@ -161,25 +168,42 @@ def create_app(model: ModelSource, settings: ServiceSettings | None = None, load
     async def healthz() -> Status:
         return Status(status="alive")
 
-    @app.get("/readyz", response_model=Status, summary="The model is loaded and warm",
-             responses={503: {"model": Status, "description": "Still loading, or failed to load."}})
+    @app.get(
+        "/readyz",
+        response_model=Status,
+        summary="The model is loaded and warm",
+        responses={503: {"model": Status, "description": "Still loading, or failed to load."}},
+    )
     async def readyz() -> Any:
         if svc.ready.is_set():
             return Status(status="ready")
         status = "failed" if svc.error else "loading"
         return JSONResponse(Status(status=status, detail=svc.error).model_dump(), status_code=503)
 
-    @app.get("/v1/model", response_model=ModelInfo, summary="The loaded model and the service limits",
-             responses={503: _ERRORS[503]})
+    @app.get(
+        "/v1/model",
+        response_model=ModelInfo,
+        summary="The loaded model and the service limits",
+        responses={503: _ERRORS[503]},
+    )
     async def model_info() -> ModelInfo:
         m, _ = svc.require()
         cfg = m.get_config()
         prep = cfg["preprocessing"]
         return ModelInfo(
-            backbone=cfg["backbone"], k=cfg["k"], kappa=cfg["kappa"], levels=cfg["levels"], sigma=cfg["sigma"],
-            image_score=cfg["image_score"], image_k=cfg["image_k"], patch_size=cfg["patch_size"],
-            image_size=prep["image_size"], crop_size=prep["crop_size"], thresholds=cfg["thresholds"],
-            n_train=cfg["n_train"], package_version=cfg["package_version"],
+            backbone=cfg["backbone"],
+            k=cfg["k"],
+            kappa=cfg["kappa"],
+            levels=cfg["levels"],
+            sigma=cfg["sigma"],
+            image_score=cfg["image_score"],
+            image_k=cfg["image_k"],
+            patch_size=cfg["patch_size"],
+            image_size=prep["image_size"],
+            crop_size=prep["crop_size"],
+            thresholds=cfg["thresholds"],
+            n_train=cfg["n_train"],
+            package_version=cfg["package_version"],
             service={
                 "max_upload_bytes": settings.max_upload_bytes,
                 "max_pixels": min(settings.max_pixels, m.max_pixels),
@@ -197,20 +221,31 @@ def create_app(model: ModelSource, settings: ServiceSettings | None = None, load
     async def stats() -> Stats:
         _, b = svc.require()
         s = b.stats
-        return Stats(batches=s.batches, images=s.images, largest_batch=s.largest_batch,
-                     mean_batch=s.images / s.batches if s.batches else 0.0, rejected_queue_full=s.rejected,
-                     skipped_timed_out=s.skipped_cancelled, failed=s.failed, busy_seconds=s.busy_seconds,
-                     slowest_batch_seconds=s.slowest_batch_seconds, admitted_now=b.admitted,
-                     waiting_now=b.waiting, pid=os.getpid())
+        return Stats(
+            batches=s.batches,
+            images=s.images,
+            largest_batch=s.largest_batch,
+            mean_batch=s.images / s.batches if s.batches else 0.0,
+            rejected_queue_full=s.rejected,
+            skipped_timed_out=s.skipped_cancelled,
+            failed=s.failed,
+            busy_seconds=s.busy_seconds,
+            slowest_batch_seconds=s.slowest_batch_seconds,
+            admitted_now=b.admitted,
+            waiting_now=b.waiting,
+            pid=os.getpid(),
+        )
 
     @lru_cache(maxsize=128)
     def _train_png(index: int) -> bytes:
         return train_image_png(svc.model, index)  # type: ignore[arg-type]
 
-    @app.get("/v1/train/{index}.png", summary="A training image as the model sees it (cropped)",
-             response_class=Response,
-             responses={200: {"content": {"image/png": {}}}, 404: {"model": Problem}, 422: _ERRORS[422],
-                        503: _ERRORS[503]})
+    @app.get(
+        "/v1/train/{index}.png",
+        summary="A training image as the model sees it (cropped)",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}, 404: {"model": Problem}, 422: _ERRORS[422], 503: _ERRORS[503]},
+    )
     async def train_image(index: int) -> Response:
         m, _ = svc.require()
         n = len(m.train_paths_)
@@ -239,28 +274,44 @@ def create_app(model: ModelSource, settings: ServiceSettings | None = None, load
         names = m.train_paths_
         e = scored.explanation
         neighbours = [
-            Neighbour(index=int(j), path=names[int(j)],
-                      distance=float(scored.neighbor_sq_distances[r]) if scored.neighbor_sq_distances is not None
-                      else None if e is None else float(e.neighbor_sq_distances[r]))
+            Neighbour(
+                index=int(j),
+                path=names[int(j)],
+                distance=float(scored.neighbor_sq_distances[r])
+                if scored.neighbor_sq_distances is not None
+                else None
+                if e is None
+                else float(e.neighbor_sq_distances[r]),
+            )
             for r, j in enumerate(scored.neighbors[:n_neighbours])
         ]
         th = m.thresholds_
         res = ScoreResult(
-            name=job.name, image_score=scored.image_score, is_anomalous=scored.is_anomalous,
-            threshold=None if th is None else th.image, pixel_threshold=None if th is None else th.pixel,
-            map_max=scored.map_max, neighbours=neighbours, seconds=0.0,
+            name=job.name,
+            image_score=scored.image_score,
+            is_anomalous=scored.is_anomalous,
+            threshold=None if th is None else th.image,
+            pixel_threshold=None if th is None else th.pixel,
+            map_max=scored.map_max,
+            neighbours=neighbours,
+            seconds=0.0,
         )
         if want_map:
             pics = render_pictures(m, job, scored)
-            res.anomaly_map_png, res.overlay_png, res.outline_png = pics.anomaly_map_png, pics.overlay_png, \
-                pics.outline_png
+            res.anomaly_map_png, res.overlay_png, res.outline_png = (
+                pics.anomaly_map_png,
+                pics.overlay_png,
+                pics.outline_png,
+            )
             res.map_range, res.anomalous_pixel_fraction = list(pics.map_range), pics.anomalous_pixel_fraction
         if e is not None:
             res.correspondence_png = render_correspondence(m, e)
         res.seconds = time.perf_counter() - t0
         return res
 
-    async def _score(request: Request, many: bool, want_map: bool, explain: bool, n_neighbours: int) -> list[ScoreResult]:
+    async def _score(
+        request: Request, many: bool, want_map: bool, explain: bool, n_neighbours: int
+    ) -> list[ScoreResult]:
         t0 = time.perf_counter()
         m, batcher = svc.require()
         limit_files = settings.batch_request_limit if many else 1
@@ -271,15 +322,24 @@ def create_app(model: ModelSource, settings: ServiceSettings | None = None, load
             raise HTTPException(503, f"{exc}; retry shortly", headers={"Retry-After": "1"}) from None
         try:
             async with asyncio.timeout(settings.request_timeout_s):
-                body = await read_body(request.stream(), request.headers.get("content-length"),
-                                       limit_files * settings.max_upload_bytes + MULTIPART_OVERHEAD)
-                uploads = uploads_from_body(request.headers.get("content-type"), body,
-                                            request.headers.get("x-filename"), settings.batch_request_limit,
-                                            settings.max_upload_bytes, "files" if many else "file")
+                body = await read_body(
+                    request.stream(),
+                    request.headers.get("content-length"),
+                    limit_files * settings.max_upload_bytes + MULTIPART_OVERHEAD,
+                )
+                uploads = uploads_from_body(
+                    request.headers.get("content-type"),
+                    body,
+                    request.headers.get("x-filename"),
+                    settings.batch_request_limit,
+                    settings.max_upload_bytes,
+                    "files" if many else "file",
+                )
                 del body
                 if not many and len(uploads) > 1:
-                    raise UploadProblem(422, f"{len(uploads)} images sent to /v1/score; send one, or use "
-                                             "/v1/score/batch")
+                    raise UploadProblem(
+                        422, f"{len(uploads)} images sent to /v1/score; send one, or use /v1/score/batch"
+                    )
                 admission.grow(len(uploads) - 1)
                 jobs = await run_in_threadpool(_decode, uploads, min(settings.max_pixels, m.max_pixels), explain)
                 del uploads
@@ -287,45 +347,74 @@ def create_app(model: ModelSource, settings: ServiceSettings | None = None, load
                 try:
                     scored = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
                 except SpadeError as exc:
-                    failed = next((j.name for j, f in zip(jobs, futures) if f.done() and not f.cancelled()
-                                   and f.exception() is exc), "upload")
+                    failed = next(
+                        (
+                            j.name
+                            for j, f in zip(jobs, futures)
+                            if f.done() and not f.cancelled() and f.exception() is exc
+                        ),
+                        "upload",
+                    )
                     raise UploadProblem(422, f"{failed}: {exc}") from None
                 return await run_in_threadpool(
-                    lambda: [_answer(m, j, s, want_map, n_neighbours, t0) for j, s in zip(jobs, scored)])
+                    lambda: [_answer(m, j, s, want_map, n_neighbours, t0) for j, s in zip(jobs, scored)]
+                )
         except UploadProblem as exc:
             raise HTTPException(exc.status, exc.message) from None
         except QueueFull as exc:
             raise HTTPException(503, f"{exc}; retry shortly", headers={"Retry-After": "1"}) from None
         except TimeoutError:
-            raise HTTPException(504, f"no answer within the request timeout of {settings.request_timeout_s:g} s "
-                                     "(server busy)") from None
+            raise HTTPException(
+                504, f"no answer within the request timeout of {settings.request_timeout_s:g} s (server busy)"
+            ) from None
         finally:
             for f in futures:
                 f.cancel()  # no-op for finished ones; a timed-out image is not scored later for nobody
             admission.release()
 
     score_params = {
-        "want_map": Query(False, alias="map", description="Include the anomaly map, heatmap overlay and outline "
-                                                          "PNGs (base64)."),
-        "explain": Query(False, description="Also run SPADE.explain: neighbour distances and the correspondence "
-                                            "picture (about half a prediction more work)."),
+        "want_map": Query(
+            False, alias="map", description="Include the anomaly map, heatmap overlay and outline PNGs (base64)."
+        ),
+        "explain": Query(
+            False,
+            description="Also run SPADE.explain: neighbour distances and the correspondence "
+            "picture (about half a prediction more work).",
+        ),
         "neighbours": Query(5, ge=0, le=1000, description="How many nearest normal images to list (at most k)."),
     }
 
-    @app.post("/v1/score", response_model=ScoreResult, summary="Score one image",
-              description="Send one image as multipart/form-data (field `file`) or as the raw body with an image "
-                          "Content-Type (optional `X-Filename` header names it in answers and messages).",
-              responses=_ERRORS, openapi_extra=_request_body("file", many=False))
-    async def score(request: Request, want_map: bool = score_params["want_map"],
-                    explain: bool = score_params["explain"], neighbours: int = score_params["neighbours"]) -> Any:
+    @app.post(
+        "/v1/score",
+        response_model=ScoreResult,
+        summary="Score one image",
+        description="Send one image as multipart/form-data (field `file`) or as the raw body with an image "
+        "Content-Type (optional `X-Filename` header names it in answers and messages).",
+        responses=_ERRORS,
+        openapi_extra=_request_body("file", many=False),
+    )
+    async def score(
+        request: Request,
+        want_map: bool = score_params["want_map"],
+        explain: bool = score_params["explain"],
+        neighbours: int = score_params["neighbours"],
+    ) -> Any:
         return (await _score(request, False, want_map, explain, neighbours))[0]
 
-    @app.post("/v1/score/batch", response_model=BatchResult, summary="Score several images",
-              description="Send the images as multipart/form-data, each in a field named `files`.",
-              responses=_ERRORS, openapi_extra=_request_body("files", many=True))
-    async def score_batch(request: Request, want_map: bool = score_params["want_map"],
-                          explain: bool = score_params["explain"],
-                          neighbours: int = score_params["neighbours"]) -> Any:
+    @app.post(
+        "/v1/score/batch",
+        response_model=BatchResult,
+        summary="Score several images",
+        description="Send the images as multipart/form-data, each in a field named `files`.",
+        responses=_ERRORS,
+        openapi_extra=_request_body("files", many=True),
+    )
+    async def score_batch(
+        request: Request,
+        want_map: bool = score_params["want_map"],
+        explain: bool = score_params["explain"],
+        neighbours: int = score_params["neighbours"],
+    ) -> Any:
         t0 = time.perf_counter()
         results = await _score(request, True, want_map, explain, neighbours)
         return BatchResult(results=results, seconds=time.perf_counter() - t0)
@@ -335,7 +424,13 @@ def create_app(model: ModelSource, settings: ServiceSettings | None = None, load
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
-        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
-                                           "Referrer-Policy": "no-referrer"})
+        return HTMLResponse(
+            page,
+            headers={
+                "Content-Security-Policy": PAGE_CSP,
+                "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer",
+            },
+        )
 
     return app

@@ -17,10 +17,13 @@ class Neighbour(BaseModel):
     """One of the nearest normal training images."""
 
     index: int = Field(description="Position in the training set (GET /v1/train/{index}.png shows it).")
-    path: str = Field(description="The training image's name as stored in the model (a server-side path; "
-                                  "informational only).")
-    distance: float | None = Field(description="Squared Euclidean distance between the global feature vectors "
-                                               "(the kNN image score is the mean of these over the k nearest).")
+    path: str = Field(
+        description="The training image's name as stored in the model (a server-side path; informational only)."
+    )
+    distance: float | None = Field(
+        description="Squared Euclidean distance between the global feature vectors "
+        "(the kNN image score is the mean of these over the k nearest)."
+    )
 
 
 class ScoreResult(BaseModel):
@@ -33,16 +36,21 @@ class ScoreResult(BaseModel):
     pixel_threshold: float | None = Field(description="The model's anomaly-map threshold, if any.")
     map_max: float = Field(description="Largest value of the anomaly map (over the image itself, not padding).")
     neighbours: list[Neighbour] = Field(description="Nearest normal training images, nearest first.")
-    anomaly_map_png: str | None = Field(None, description="map=true: the anomaly map as a grey 8-bit PNG (base64), "
-                                                          "0..255 spanning map_range.")
+    anomaly_map_png: str | None = Field(
+        None, description="map=true: the anomaly map as a grey 8-bit PNG (base64), 0..255 spanning map_range."
+    )
     overlay_png: str | None = Field(None, description="map=true: heatmap over the cropped image (base64 PNG).")
-    outline_png: str | None = Field(None, description="map=true and a pixel threshold: transparent PNG with the "
-                                                      "outline of the pixels at or above it.")
+    outline_png: str | None = Field(
+        None,
+        description="map=true and a pixel threshold: transparent PNG with the outline of the pixels at or above it.",
+    )
     map_range: list[float] | None = Field(None, description="map=true: [low, high] of the colour scale.")
-    anomalous_pixel_fraction: float | None = Field(None, description="map=true: share of the image's pixels at or "
-                                                                     "above the pixel threshold.")
-    correspondence_png: str | None = Field(None, description="explain=true: the image rebuilt from the normal "
-                                                             "patches its pixels matched (base64 PNG).")
+    anomalous_pixel_fraction: float | None = Field(
+        None, description="map=true: share of the image's pixels at or above the pixel threshold."
+    )
+    correspondence_png: str | None = Field(
+        None, description="explain=true: the image rebuilt from the normal patches its pixels matched (base64 PNG)."
+    )
     seconds: float = Field(description="Time the server spent on the request (reading, queueing, scoring).")
 
 

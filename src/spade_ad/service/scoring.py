@@ -60,9 +60,17 @@ def score_jobs(model: SPADE, jobs: list[Job]) -> list[Scored]:
     valid = getattr(pred, "valid", None)
     for i in range(len(jobs)):
         flagged = None if pred.is_anomalous is None else bool(pred.is_anomalous[i])
-        out.append(Scored(float(pred.image_scores[i]), flagged, pred.anomaly_maps[i], pred.neighbors[i],
-                          explanations.get(i), None if valid is None else valid[i],
-                          None if pred.neighbor_sq_distances is None else pred.neighbor_sq_distances[i]))
+        out.append(
+            Scored(
+                float(pred.image_scores[i]),
+                flagged,
+                pred.anomaly_maps[i],
+                pred.neighbors[i],
+                explanations.get(i),
+                None if valid is None else valid[i],
+                None if pred.neighbor_sq_distances is None else pred.neighbor_sq_distances[i],
+            )
+        )
     return out
 
 
@@ -124,8 +132,7 @@ def render_pictures(model: SPADE, job: Job, scored: Scored) -> Pictures:
             mask &= valid  # padding is not part of the part
         outline = png_base64(outline_rgba(mask), "RGBA")
         fraction = float(mask.sum() / (mask.size if valid is None else max(int(valid.sum()), 1)))
-    return Pictures(png_base64(grey, "L"), png_base64(heatmap_overlay(crop, amap, lo, hi)), outline, (lo, hi),
-                    fraction)
+    return Pictures(png_base64(grey, "L"), png_base64(heatmap_overlay(crop, amap, lo, hi)), outline, (lo, hi), fraction)
 
 
 def render_correspondence(model: SPADE, explanation: Explanation) -> str | None:

@@ -29,8 +29,16 @@ def app_from_env() -> FastAPI:
     return create_app(lambda: SPADE.load(model_path, weights=weights), settings, load_before_serving=True)
 
 
-def run(model_path: Path, settings: ServiceSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-        weights: str | None = None, log_level: str = "info", access_log: bool = True) -> None:
+def run(
+    model_path: Path,
+    settings: ServiceSettings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    weights: str | None = None,
+    log_level: str = "info",
+    access_log: bool = True,
+) -> None:
     """Serve ``model_path`` until interrupted.
 
     The model is loaded here first, so a bad model file or missing weights fail at once with a
@@ -46,8 +54,14 @@ def run(model_path: Path, settings: ServiceSettings, host: str = "127.0.0.1", po
     # uvicorn answers 503 itself beyond this many concurrent connections+tasks: a backstop in front of
     # the image queue for clients that open connections without sending anything.
     limit_concurrency = max(64, 4 * settings.queue_size)
-    common = {"host": host, "port": port, "log_level": log_level, "access_log": access_log,
-              "limit_concurrency": limit_concurrency, "timeout_keep_alive": 5}
+    common = {
+        "host": host,
+        "port": port,
+        "log_level": log_level,
+        "access_log": access_log,
+        "limit_concurrency": limit_concurrency,
+        "timeout_keep_alive": 5,
+    }
     if workers == 1:
         uvicorn.run(create_app(model, settings), **common)
         return

@@ -14,7 +14,12 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "PPM")
 
 #: Content types a raw-body upload (or a multipart file part) may declare; the bytes decide the format.
 ACCEPTED_CONTENT_TYPES = (
-    "image/png", "image/jpeg", "image/bmp", "image/tiff", "image/webp", "image/x-portable-pixmap",
+    "image/png",
+    "image/jpeg",
+    "image/bmp",
+    "image/tiff",
+    "image/webp",
+    "image/x-portable-pixmap",
     "application/octet-stream",
 )
 

@@ -23,8 +23,14 @@ MAX_PARTS = 64
 DRAIN_LIMIT = 256 * 1024 * 1024
 
 # Aliases browsers and tools use for accepted types.
-_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png",
-            "image/x-ms-bmp": "image/bmp", "image/x-bmp": "image/bmp", "image/tif": "image/tiff"}
+_ALIASES = {
+    "image/jpg": "image/jpeg",
+    "image/pjpeg": "image/jpeg",
+    "image/x-png": "image/png",
+    "image/x-ms-bmp": "image/bmp",
+    "image/x-bmp": "image/bmp",
+    "image/tif": "image/tiff",
+}
 
 
 class UploadProblem(Exception):
@@ -128,8 +134,13 @@ def parse_multipart(content_type: str, body: bytes) -> list[_Part]:
     def on_part_data(data: bytes, start: int, end: int) -> None:
         parts[-1].data.extend(data[start:end])
 
-    callbacks = {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
-                 "on_header_value": on_header_value, "on_header_end": on_header_end, "on_part_data": on_part_data}
+    callbacks = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_part_data": on_part_data,
+    }
     try:
         parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
         parser.write(body)
@@ -143,8 +154,9 @@ def parse_multipart(content_type: str, body: bytes) -> list[_Part]:
     return parts
 
 
-def uploads_from_body(content_type: str | None, body: bytes, raw_name: str | None, max_files: int,
-                      max_bytes: int, field: str) -> list[Upload]:
+def uploads_from_body(
+    content_type: str | None, body: bytes, raw_name: str | None, max_files: int, max_bytes: int, field: str
+) -> list[Upload]:
     """The images a request carries: multipart file parts, or the raw body itself.
 
     415 for a content type that is not an accepted image type (nor multipart); 413 for an image over
@@ -162,11 +174,13 @@ def uploads_from_body(content_type: str | None, body: bytes, raw_name: str | Non
             name = display_name(part.filename, f"upload[{i}]")
             part_type = media_type(part.headers.get(b"content-type", b"").decode("latin-1"))
             if part_type and part_type not in ACCEPTED_CONTENT_TYPES:
-                raise UploadProblem(415, f"{name}: unsupported content type {part_type!r}; send one of "
-                                         f"{_accepted_list()}")
+                raise UploadProblem(
+                    415, f"{name}: unsupported content type {part_type!r}; send one of {_accepted_list()}"
+                )
             if len(part.data) > max_bytes:
-                raise UploadProblem(413, f"{name}: {len(part.data):,} bytes exceeds the upload limit of "
-                                         f"{max_bytes:,} bytes")
+                raise UploadProblem(
+                    413, f"{name}: {len(part.data):,} bytes exceeds the upload limit of {max_bytes:,} bytes"
+                )
             out.append(Upload(name, bytes(part.data)))
         return out
     if mt in ACCEPTED_CONTENT_TYPES:
@@ -175,5 +189,8 @@ def uploads_from_body(content_type: str | None, body: bytes, raw_name: str | Non
             raise UploadProblem(413, f"{name}: {len(body):,} bytes exceeds the upload limit of {max_bytes:,} bytes")
         return [Upload(name, body)]
     shown = repr(mt) if mt else "none"
-    raise UploadProblem(415, f"unsupported content type {shown}: send the image as multipart/form-data "
-                             f"(field {field!r}) or as the raw body with Content-Type one of {_accepted_list()}")
+    raise UploadProblem(
+        415,
+        f"unsupported content type {shown}: send the image as multipart/form-data "
+        f"(field {field!r}) or as the raw body with Content-Type one of {_accepted_list()}",
+    )
