@@ -312,12 +312,20 @@ def test_defective_image_without_mask(tmp_path):
     cli_error(cli("evaluate", tmp_path, "--category", "cat", *CLI_SMALL), str(img), "no mask")
 
 
-def test_defect_folder_without_ground_truth_folder(tmp_path):
+def test_defect_folder_without_its_ground_truth_folder(tmp_path):
+    # ground_truth/ exists (so the dataset has pixel labels) but one defect type has no masks folder
     cat = make_mvtec(tmp_path)
-    shutil.rmtree(cat / "ground_truth")
+    shutil.rmtree(cat / "ground_truth" / "crack")
     with pytest.raises(DatasetError) as exc:
         load_mvtec(tmp_path, "cat")
     assert str(cat / "test" / "crack") in str(exc.value) and "ground-truth" in str(exc.value)
+
+
+def test_no_ground_truth_folder_is_an_image_level_dataset(tmp_path):
+    cat = make_mvtec(tmp_path)
+    shutil.rmtree(cat / "ground_truth")
+    ds = load_mvtec(tmp_path, "cat")
+    assert [(t.defect, t.label, t.mask) for t in ds.test] == [("crack", 1, None), ("crack", 1, None), ("good", 0, None)]
 
 
 def test_masks_for_missing_defect_type(tmp_path):

@@ -145,7 +145,8 @@ def test_evaluate_plain_folders_with_masks_matched_by_stem(image_dirs, tmp_path)
         ],
     )
     assert r.exit_code == 0, r.output
-    rec = json.loads(js.read_text())["train"]
+    # named by the folder above "train" (a folder name that only says what it holds)
+    rec = json.loads(js.read_text())[tmp_path.name]
     assert (rec["n_train"], rec["n_test"], rec["image_auroc"]) == (6, 3, 1.0)
     assert rec["pixel_auroc"] > 0.9 and rec["pro"] is not None
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DATASETS, require_dataset  # tests/ is on sys.path (pytest rootdir conftest)
 from PIL import Image
 
 from spade_ad import SPADE, DatasetError, ImageError, SpadeError
@@ -24,8 +25,6 @@ from spade_ad.data import (
 )
 from spade_ad.features import Preprocessing, iter_batches
 from spade_ad.output import unique_stems
-
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 def rgb_u8(w: int, h: int, seed: int = 0) -> np.ndarray:
@@ -303,9 +302,7 @@ def test_read_mask_refuses_other_size(tmp_path):
 # dataset layouts
 # --------------------------------------------------------------------------------------------
 def test_load_mvtec_transistor():
-    root = DATASETS / "mvtec_ad"
-    if not (root / "transistor").is_dir():
-        pytest.skip("real dataset not available")
+    root = require_dataset(DATASETS / "mvtec_ad")
     ds = load_mvtec(root, "transistor")
     base = root / "transistor"
     assert ds.name == "transistor"
@@ -325,8 +322,7 @@ def test_load_mvtec_transistor():
 
 
 def test_load_mvtec_magnetic_tile():
-    if not (DATASETS / "magnetic_tile").is_dir():
-        pytest.skip("real dataset not available")
+    require_dataset(DATASETS / "magnetic_tile")
     ds = load_mvtec(DATASETS, "magnetic_tile")
     assert len(ds.train) == 762
     counts: dict[str, int] = {}
@@ -513,11 +509,17 @@ def test_unique_stems_prefix_every_input_on_collision():
     assert unique_stems(["p/q_x.png", "q/x.png", "r/x.png"]) == ["p_q_x", "q_x", "r_x"]
 
 
+def test_unique_stems_use_more_folders_when_the_parent_collides():
+    # a folder per day, each with the same camera sub-folder: the day's name tells them apart
+    paths = ["day1/cam/000.png", "day2/cam/000.png", "day2/cam/001.png"]
+    assert unique_stems(paths) == ["day1_cam_000", "day2_cam_000", "day2_cam_001"]
+    assert unique_stems(["one/good/000.png", "two/good/000.png"]) == ["one_good_000", "two_good_000"]
+
+
 @pytest.mark.parametrize(
     "paths, dup",
     [
         (["a/x.png", "a/x.jpg"], "a_x"),
-        (["one/good/000.png", "two/good/000.png"], "good_000"),
         (["d/x.png", "d/x.png"], "d_x"),
     ],
 )

@@ -13,27 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATASETS, require_dataset  # tests/ is on sys.path (pytest rootdir conftest)
 
 from spade_ad import SPADE
 from spade_ad.data import load_mvtec
 from spade_ad.evaluate import load_masks
 from spade_ad.metrics import image_auroc, pixel_auroc, pro_auc
 
-# ../shared/datasets from the project root, as the project's README says.
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-
 pytestmark = pytest.mark.slow
 
 
-def _require(path: Path) -> Path:
-    if not path.is_dir():
-        # Not a skip: the real data is part of the project's test contract.
-        pytest.fail(f"real dataset missing at {path} (see ../shared/datasets/README.md)")
-    return path
-
-
 def test_transistor_paper_defaults_reach_the_bar(tmp_path):
-    root = _require(DATASETS / "mvtec_ad")
+    root = require_dataset(DATASETS / "mvtec_ad")
     exe = Path(sys.executable).with_name("spade-ad")
     cmd = [
         str(exe) if exe.exists() else "spade-ad",
@@ -67,7 +58,7 @@ def test_transistor_paper_defaults_reach_the_bar(tmp_path):
 def _magnetic_subset_figures(preset: str, tmp_path: Path) -> tuple[float, float, float]:
     """Fit the preset on a stratified subset of magnetic_tile (every 4th training image, every 3rd test
     image, to keep the suite short), save, reload, predict; (image AUROC, pixel AUROC, PRO)."""
-    ds = load_mvtec(_require(DATASETS), "magnetic_tile")
+    ds = load_mvtec(require_dataset(DATASETS), "magnetic_tile")
     assert len(ds.train) == 762 and len(ds.test) == 582
     ds.train = ds.train[::4]
     ds.test = ds.test[::3]
@@ -114,7 +105,7 @@ def test_accurate_preset_beats_the_paper_on_magnetic_tile_subset(paper_on_magnet
 
 def test_accurate_preset_on_transistor(tmp_path):
     """The ``accurate`` preset through the command line, on the full transistor category."""
-    root = _require(DATASETS / "mvtec_ad")
+    root = require_dataset(DATASETS / "mvtec_ad")
     exe = Path(sys.executable).with_name("spade-ad")
     cmd = [
         str(exe) if exe.exists() else "spade-ad",

@@ -30,24 +30,25 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import DATASETS  # tests/ is on sys.path (pytest rootdir conftest)
 from fastapi import FastAPI
 from PIL import Image
 
 from spade_ad import SPADE, __version__
 from spade_ad.data import read_image, read_image_bytes
+from spade_ad.datasets import sample_path
 from spade_ad.errors import ImageError, ImageTooLargeError
 from spade_ad.service import MicroBatcher, QueueFull, ServiceSettings, create_app
 from spade_ad.service.uploads import display_name
 from spade_ad.thresholds import Thresholds
 
-TRANSISTOR = DATASETS / "mvtec_ad" / "transistor"
+# The bundled sample (a subset of MVTec AD transistor), so that the service is tested on a fresh clone too.
+TRANSISTOR = sample_path() / "transistor"
 CHROMIUM = Path("/usr/bin/chromium")
 MAX_UPLOAD = 500_000  # bytes; the transistor PNGs are about 76 kB
 MAX_PIXELS = 1_000_000  # the transistor images have 65,536
 MAX_BATCH_IMAGES = 4
 BENT = TRANSISTOR / "test" / "bent_lead" / "000.png"
-TEST_IMAGES = [BENT, TRANSISTOR / "test" / "good" / "000.png", TRANSISTOR / "test" / "damaged_case" / "001.png"]
+TEST_IMAGES = [BENT, TRANSISTOR / "test" / "good" / "000.png", TRANSISTOR / "test" / "damaged_case" / "002.png"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two cores shared with other work: keep servers on one thread
 
 
@@ -56,8 +57,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two cores shared with other work
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not TRANSISTOR.is_dir():
-        pytest.fail(f"{TRANSISTOR}: the MVTec transistor category is needed by the service tests")
     torch.set_num_threads(1)
     train = sorted((TRANSISTOR / "train" / "good").glob("*.png"))[:12]
     with pytest.warns(UserWarning, match="training images for k=50"):

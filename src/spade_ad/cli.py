@@ -26,7 +26,7 @@ from .backbones import available_backbones
 from .bank import atomic_write
 from .data import expand_inputs, load_folders, load_labelled, load_mvtec, load_preprocessed
 from .errors import SpadeError
-from .evaluate import evaluate_dataset, find_categories, set_thresholds_from_validation, summarise
+from .evaluate import CategoryResult, evaluate_dataset, find_categories, set_thresholds_from_validation, summarise
 from .model import IMAGE_SCORES, SPADE, Explanation
 from .output import check_can_write, staged_dir, unique_stems, write_csv, write_json
 from .presets import PRESETS
@@ -306,6 +306,12 @@ def fit(
     help="Run the pixel stage only for images whose kNN image score exceeds this value.",
 )
 @click.option(
+    "--recursive/--no-recursive",
+    default=True,
+    show_default=True,
+    help="Walk sub-folders of folder inputs (a folder per day, an MVTec test/ folder).",
+)
+@click.option(
     "--mmap/--no-mmap",
     default=True,
     show_default=True,
@@ -321,6 +327,7 @@ def predict(
     no_overlays: bool,
     explain: bool,
     segment_above: float | None,
+    recursive: bool,
     mmap: bool,
 ) -> None:
     """Score IMAGES (files and/or folders) with MODEL.
@@ -329,11 +336,13 @@ def predict(
     anomaly map), OUT/overlays/<stem>.png (heatmap over the cropped image; one colour scale for the
     whole run) and, when the model has thresholds, OUT/masks/<stem>.png (pixels at or above the pixel
     threshold). With --segment-above, maps, overlays and masks exist only for segmented images.
-    When two inputs share a file stem, every output is named <parent folder>_<stem>.
+    Folders are walked with their sub-folders (--no-recursive: only the files directly inside).
+    When two inputs share a file stem, every output is named <parent folder>_<stem> (more parent
+    folders when those still collide).
     """
     check_can_write(out, overwrite)
     model = SPADE.load(model_path, weights=weights, progress=True, mmap=mmap)
-    paths = expand_inputs(images)
+    paths = expand_inputs(images, recursive=recursive)
     stems = unique_stems([str(p) for p in paths])
     t0 = time.perf_counter()
     pred = model.predict(paths, segment_above=segment_above)
@@ -358,10 +367,12 @@ def predict(
                 continue
             np.save(tmp / "maps" / f"{stem}.npy", amap)
             img = None
-            if not no_overlays or explain:
-                img = load_preprocessed(path, str(path), model.image_size, model.crop_size, model.max_pixels)
             if not no_overlays:
-                Image.fromarray(heatmap_overlay(img, amap, vmin, vmax)).save(tmp / "overlays" / f"{stem}.png")
+                img = _write_overlay(tmp / "overlays" / f"{stem}.png", path, amap, model, vmin, vmax)
+            elif explain:
+                img = load_preprocessed(
+                    path, str(path), model.image_size, model.crop_size, model.max_pixels, model.geometry
+                )
             if th is not None and th.pixel is not None:
                 Image.fromarray(((amap >= th.pixel) * 255).astype(np.uint8), "L").save(tmp / "masks" / f"{stem}.png")
             if explanations is not None:
@@ -401,8 +412,63 @@ def _write_explanation(folder: Path, stem: str, e: Explanation, img: np.ndarray,
     Image.fromarray((pair.transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)).save(folder / f"{stem}.png")
 
 
+#: Folder names that say what a folder holds rather than which product it is.
+_GENERIC_FOLDERS = frozenset({"train", "good", "normal", "ok", "images", "test", "data"})
+
+
+def _folders_name(train_dir: Path) -> str:
+    """A run's name from its training folder: ``parts/screw/train/good`` -> ``screw``."""
+    for part in reversed(train_dir.resolve().parts[1:]):
+        if part.lower() not in _GENERIC_FOLDERS:
+            return part
+    return "folders"
+
+
+def _write_overlay(path: Path, item: Path, amap: np.ndarray, model: SPADE, vmin: float, vmax: float) -> np.ndarray:
+    """Heat map of ``amap`` over ``item`` as the model saw it (resized, cropped/padded) -> PNG ``path``;
+    returns the preprocessed image (3, crop, crop)."""
+    img = load_preprocessed(item, str(item), model.image_size, model.crop_size, model.max_pixels, model.geometry)
+    Image.fromarray(heatmap_overlay(img, amap, vmin, vmax)).save(path)
+    return img
+
+
 def _fmt(v: float | None) -> str:
-    return "   -  " if v is None else f"{v:.4f}"
+    # None: the metric is not defined here (pixel metrics of an image-level dataset without masks).
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _run_config(results: list[CategoryResult], root: Path | None) -> dict[str, Any]:
+    """The configuration recorded with a run's results: the model's settings and the software versions."""
+    config = {k: v for k, v in results[0].model_config.items() if k != "n_train"}
+    config.update(
+        root=str(root) if root is not None else None, torch_version=torch.__version__, python=platform.python_version()
+    )
+    return config
+
+
+def _print_results(results: list[CategoryResult], summary: dict[str, Any]) -> None:
+    """The metrics table of ``evaluate`` and ``demo`` on stdout."""
+    header = (
+        f"{'category':<16} {'image AUROC':>11} {'pixel AUROC':>11} {'PRO':>7} {'train':>6} {'test':>5} {'s/img':>6}"
+    )
+    click.echo(header)
+    click.echo("-" * len(header))
+    for r in results:
+        click.echo(
+            f"{r.category:<16} {_fmt(r.image_auroc):>11} {_fmt(r.pixel_auroc):>11} {_fmt(r.pro):>7} "
+            f"{r.n_train:>6} {r.n_test:>5} {r.predict_seconds / r.n_test:>6.2f}"
+        )
+    for r in results:
+        if r.thresholds is not None:
+            click.echo(
+                f"{r.category}: image F1 {_fmt(r.image_f1)}, pixel F1 {_fmt(r.pixel_f1)} at thresholds "
+                f"chosen by {r.thresholds.source}"
+            )
+    if len(results) > 1:
+        m = summary["mean"]
+        click.echo(f"{'mean':<16} {_fmt(m['image_auroc']):>11} {_fmt(m['pixel_auroc']):>11} {_fmt(m['pro']):>7}")
+    if any(r.pixel_auroc is None for r in results):
+        click.echo("pixel AUROC and PRO are n/a where the test set has no ground-truth masks (image-level labels only)")
 
 
 @main.command()
@@ -446,6 +512,12 @@ def _fmt(v: float | None) -> str:
     default=None,
     help="With --video: subsample the training frames evenly to this many.",
 )
+@click.option(
+    "--name",
+    default=None,
+    help="Plain folders: the result's name (default: the first folder above --train that is not "
+    "named train/good/normal/ok).",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
 @click.option(
     "--report",
@@ -474,6 +546,7 @@ def evaluate(
     masks: Path | None,
     video: Path | None,
     train_frames: int | None,
+    name: str | None,
     json_path: Path | None,
     report_dir: Path | None,
     gallery: int,
@@ -507,10 +580,12 @@ def evaluate(
             raise click.UsageError("give either ROOT --category C, or --train with --test-good/--test-anomalous")
         if not test_good or not test_anomalous:
             raise click.UsageError("--train needs at least one --test-good and one --test-anomalous folder")
-        datasets = [load_folders(train_dir, test_good, test_anomalous, masks, name=train_dir.name or "folders")]
+        datasets = [load_folders(train_dir, test_good, test_anomalous, masks, name=name or _folders_name(train_dir))]
     else:
         if root is None or not categories:
             raise click.UsageError("give ROOT and --category (or --train/--test-good/--test-anomalous)")
+        if name is not None:
+            raise click.UsageError("--name names a plain-folders run; an MVTec run is named by its --category")
         cats = list(categories)
         if "all" in cats:
             cats = find_categories(root)
@@ -532,30 +607,9 @@ def evaluate(
                 validation=validation,
             )
         )
-    config = {k: v for k, v in results[0].model_config.items() if k != "n_train"}
-    config.update(
-        root=str(root) if root is not None else None, torch_version=torch.__version__, python=platform.python_version()
-    )
+    config = _run_config(results, root)
     summary = summarise(results, config)
-    header = (
-        f"{'category':<16} {'image AUROC':>11} {'pixel AUROC':>11} {'PRO':>7} {'train':>6} {'test':>5} {'s/img':>6}"
-    )
-    click.echo(header)
-    click.echo("-" * len(header))
-    for r in results:
-        click.echo(
-            f"{r.category:<16} {_fmt(r.image_auroc):>11} {_fmt(r.pixel_auroc):>11} {_fmt(r.pro):>7} "
-            f"{r.n_train:>6} {r.n_test:>5} {r.predict_seconds / r.n_test:>6.2f}"
-        )
-    for r in results:
-        if r.thresholds is not None:
-            click.echo(
-                f"{r.category}: image F1 {_fmt(r.image_f1)}, pixel F1 {_fmt(r.pixel_f1)} at thresholds "
-                f"chosen by {r.thresholds.source}"
-            )
-    if len(results) > 1:
-        m = summary["mean"]
-        click.echo(f"{'mean':<16} {_fmt(m['image_auroc']):>11} {_fmt(m['pixel_auroc']):>11} {_fmt(m['pro']):>7}")
+    _print_results(results, summary)
     if json_path is not None:
         write_json(json_path, summary)
         click.echo(f"results written to {json_path}", err=True)
@@ -564,6 +618,53 @@ def evaluate(
 
         write_report(results, report_dir, config, overwrite=overwrite, gallery_per_category=gallery, progress=True)
         click.echo(f"report written to {report_dir / 'index.html'}", err=True)
+
+
+@main.command()
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("spade_ad_demo"),
+    show_default=True,
+    help="Folder for the report, overlays, results and model.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@model_options
+@_handle_errors
+def demo(out: Path, overwrite: bool, **opts: Any) -> None:
+    """Fit on the bundled sample, score its test images, print the metrics and write a report.
+
+    The sample (inside the package) is a subset of MVTec AD transistor at 256x256: 60 normal training
+    images, 10 normal and 20 defective test images with masks (licence CC BY-NC-SA 4.0, not the code's).
+    Writes OUT/report/index.html, OUT/overlays/<defect>_<stem>.png (one colour scale), OUT/results.json
+    and OUT/model.spade (usable with `spade-ad predict`). Model options (--preset ...) apply as in `evaluate`.
+    """
+    from .datasets import load_sample, sample_path
+    from .report import write_report  # matplotlib is imported only here
+
+    check_can_write(out, overwrite)
+    ds = load_sample()
+    click.echo(
+        f"bundled sample {sample_path() / ds.name} (MVTec AD, CC BY-NC-SA 4.0): "
+        f"{len(ds.train)} train, {len(ds.test)} test images",
+        err=True,
+    )
+    result = evaluate_dataset(ds, lambda: _make_model(opts), log=lambda s: click.echo(s, err=True))
+    config = _run_config([result], sample_path())
+    summary = summarise([result], config)
+    _print_results([result], summary)
+    pred, model = result.prediction, result.model
+    paths = [t.path for t in ds.test]
+    with staged_dir(out, overwrite) as tmp:
+        model.save(tmp / "model.spade")
+        write_json(tmp / "results.json", summary)
+        (tmp / "overlays").mkdir()
+        vmin, vmax = float(pred.anomaly_maps.min()), float(pred.anomaly_maps.max())
+        for t, stem, amap in zip(ds.test, unique_stems([str(p) for p in paths]), pred.anomaly_maps):
+            _write_overlay(tmp / "overlays" / f"{stem}.png", t.path, amap, model, vmin, vmax)
+        # 12 gallery entries (not evaluate's 24): each one runs an explanation, and the demo should stay quick.
+        write_report([result], tmp / "report", config, gallery_per_category=12, progress=True)
+    click.echo(f"report: {out / 'report' / 'index.html'}")
 
 
 @main.command()

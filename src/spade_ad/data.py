@@ -303,28 +303,38 @@ def item_size(item: ImageLike, name: str) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 # Collections of images
 # --------------------------------------------------------------------------------------------
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files (by extension) directly inside ``folder``, sorted; error if there are none."""
+def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Image files (by extension) inside ``folder``, sorted; error if there are none.
+
+    ``recursive``: also walk sub-folders (hidden files and folders are skipped), sorted by relative path.
+    """
     d = Path(folder)
     if not d.exists():
         raise DatasetError(f"{d}: no such folder")
     if not d.is_dir():
         raise DatasetError(f"{d}: not a folder")
+    candidates = d.rglob("*") if recursive else d.iterdir()
     files = sorted(
-        p for p in d.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        p
+        for p in candidates
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(d).parts)
     )
     if not files:
-        raise DatasetError(f"{d}: folder contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        where = " or its sub-folders" if recursive else ""
+        raise DatasetError(f"{d}: folder{where} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return files
 
 
-def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files and folders (as given on a command line) -> image paths; folders are listed, files kept."""
+def expand_inputs(inputs: Iterable[str | os.PathLike], recursive: bool = False) -> list[Path]:
+    """Files and folders (as given on a command line) -> image paths; folders are listed (and their
+    sub-folders walked when ``recursive``), files kept."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out.extend(list_images(p))
+            out.extend(list_images(p, recursive=recursive))
         elif p.exists():
             out.append(p)
         else:
@@ -422,12 +432,16 @@ def load_mvtec(root: str | os.PathLike, category: str) -> Dataset:
 
     Checks the whole layout up front (images listed, masks matched by stem, mask and image sizes
     equal) so that a broken dataset fails in a second, not after an hour of feature extraction.
+    A category with no ``ground_truth`` folder at all is an image-level dataset: it loads without
+    masks (pixel metrics are then not defined); once the folder exists, every defect type needs its masks.
     """
     base = Path(root) / category
     if not base.is_dir():
         raise DatasetError(f"{base}: no such category folder")
     train = list_images(base / "train" / "good")
     test_dir = base / "test"
+    gt_dir = base / "ground_truth"
+    pixel_level = gt_dir.is_dir()
     if not test_dir.is_dir():
         raise DatasetError(f"{test_dir}: no test folder")
     test: list[TestItem] = []
@@ -435,13 +449,12 @@ def load_mvtec(root: str | os.PathLike, category: str) -> Dataset:
         defect = defect_dir.name
         label = 0 if defect == "good" else 1
         items = [TestItem(p, label, defect) for p in list_images(defect_dir)]
-        if label:
-            _attach_masks(items, base / "ground_truth" / defect, str(defect_dir), required=True)
+        if label and pixel_level:
+            _attach_masks(items, gt_dir / defect, str(defect_dir), required=True)
         test.extend(items)
     if not test:
         raise DatasetError(f"{test_dir}: no test images")
-    gt_dir = base / "ground_truth"
-    if gt_dir.is_dir():
+    if pixel_level:
         for d in gt_dir.iterdir():
             if d.is_dir() and not (test_dir / d.name).is_dir():
                 raise DatasetError(f"{d}: masks for defect type {d.name!r} but no folder {test_dir / d.name}")

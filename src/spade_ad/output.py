@@ -69,13 +69,17 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) 
 
 
 def unique_stems(paths: Sequence[str]) -> list[str]:
-    """Output file stems for input paths: the file stem, or ``<parent>_<stem>`` for every input when
-    two inputs share a stem (e.g. MVTec's test/good/000.png and test/crack/000.png)."""
+    """Output file stems for input paths: the file stem, or, when two inputs share a stem, ``<parent>_<stem>``
+    for every input (e.g. MVTec's test/good/000.png and test/crack/000.png -> good_000, crack_000); when
+    that still collides (``day1/cam/000.png``, ``day2/cam/000.png``), as many parent folders as it takes."""
     stems = [Path(p).stem for p in paths]
     if len(set(stems)) == len(stems):
         return stems
-    stems = [f"{Path(p).parent.name}_{Path(p).stem}" for p in paths]
-    if len(set(stems)) != len(stems):
-        dup = sorted({s for s in stems if stems.count(s) > 1})[0]
-        raise SpadeError(f"two inputs would both write outputs named {dup!r}; predict them in separate runs")
-    return stems
+    parts = [Path(p).parent.parts for p in paths]
+    for depth in range(1, max(len(x) for x in parts) + 1):
+        stems = ["_".join([*pp[-depth:], Path(p).stem]) for p, pp in zip(paths, parts)]
+        if len(set(stems)) == len(stems):
+            return stems
+    # Same folder and stem (x.png and x.jpg), or the same file twice: no folder name tells them apart.
+    dup = sorted({s for s in stems if stems.count(s) > 1})[0]
+    raise SpadeError(f"two inputs would both write outputs named {dup!r}; predict them in separate runs")
