@@ -51,7 +51,7 @@ def model_options(f: Callable) -> Callable:
             type=click.Choice(list(PRESETS)),
             default="paper",
             show_default=True,
-            help="Named settings (see README); options given explicitly override it.",
+            help="Named settings (see docs/accuracy.md); options given explicitly override it.",
         ),
         click.option(
             "--backbone",
@@ -795,7 +795,7 @@ def serve(
     model_path: Path, host: str, port: int, workers: int, weights: str | None, log_level: str, **settings: Any
 ) -> None:
     """Serve MODEL over HTTP: POST /v1/score, /v1/score/batch; GET /v1/model, /healthz, /readyz, and an
-    inspection page at / (see README, "Service")."""
+    inspection page at / (see docs/service.md)."""
     from .service.server import run
     from .service.settings import ServiceSettings
 

@@ -93,30 +93,49 @@ class SPADE:
 
     Parameters
     ----------
-    backbone: registry name (``efficientnet_lite0`` embedded; ``wide_resnet50_2``, ``resnet18``).
-    k: nearest normal images, for the image score and as the pixel gallery (paper: 50).
-    kappa: nearest gallery features per pixel, averaged (paper: 1).
-    levels: pyramid levels by stride: 1 = stride 4, 2 = stride 8, 3 = stride 16.
-    sigma: Gaussian smoothing of the anomaly map (0 disables).
-    image_size, crop_size: resize to a square, then centre crop (paper: 256, 224).
-    weights: None (default source), a path to a weights file, or ``"random"`` (tests only).
-    batch_size: images per backbone batch.
-    progress: show progress bars.
-    max_pixels: refuse images larger than this (decompression bombs).
-    image_score: ``"knn"`` (paper: mean squared distance to the ``image_k`` nearest normal images),
+    backbone
+        registry name (``efficientnet_lite0`` embedded; ``wide_resnet50_2``, ``resnet18``).
+    k
+        nearest normal images, for the image score and as the pixel gallery (paper: 50).
+    kappa
+        nearest gallery features per pixel, averaged (paper: 1).
+    levels
+        pyramid levels by stride: 1 = stride 4, 2 = stride 8, 3 = stride 16.
+    sigma
+        Gaussian smoothing of the anomaly map (0 disables).
+    image_size
+        resize to this square first (paper: 256).
+    crop_size
+        then centre crop to this square (paper: 224).
+    weights
+        None (default source), a path to a weights file, or ``"random"`` (tests only).
+    batch_size
+        images per backbone batch.
+    progress
+        show progress bars.
+    max_pixels
+        refuse images larger than this (decompression bombs).
+    image_score
+        ``"knn"`` (paper: mean squared distance to the ``image_k`` nearest normal images),
         ``"map_max"`` (maximum of the smoothed anomaly map), or ``"knn*map_max"`` (sqrt of the kNN
         score times the map maximum: a product, so its ranking does not depend on either term's scale).
-    image_k: nearest normal images for the kNN image score (None = ``k``, the paper's choice); the
+    image_k
+        nearest normal images for the kNN image score (None = ``k``, the paper's choice); the
         pixel gallery always uses ``k``.
-    patch_size: average pixel features over patch_size x patch_size neighbourhoods before matching
+    patch_size
+        average pixel features over patch_size x patch_size neighbourhoods before matching
         (odd; 1 = the paper's plain features).
-    precision: ``"fp32"`` (exact search, the default) or ``"bf16"`` (opt-in: bfloat16 products pick
+    precision
+        ``"fp32"`` (exact search, the default) or ``"bf16"`` (opt-in: bfloat16 products pick
         each pixel's nearest gallery tile, the distance is then recomputed exactly; faster on wide features).
-    window: None (the paper: every gallery position) or R, match each pixel only against gallery
+    window
+        None (the paper: every gallery position) or R, match each pixel only against gallery
         features within +-R positions of its own (opt-in; for aligned objects; kappa must be 1).
-    bank_dtype: ``"float32"`` or ``"float16"`` (opt-in: pixel features stored at half size; distances
+    bank_dtype
+        ``"float32"`` or ``"float16"`` (opt-in: pixel features stored at half size; distances
         are still computed in float32).
-    geometry: ``"squash"`` (the paper: resize to a square whatever the aspect ratio) or ``"pad"``
+    geometry
+        ``"squash"`` (the paper: resize to a square whatever the aspect ratio) or ``"pad"``
         (keep the aspect ratio, pad to a square; maps are valid only where the image is, see
         :attr:`Prediction.valid`).
     """

@@ -1,5 +1,5 @@
 """Named settings. ``paper`` is SPADE as published (and ``SPADE()``'s defaults); the others switch on
-options that measured better on this project's real data. See the README's accuracy section for the
+options that measured better on this project's real data. See docs/accuracy.md for the
 table and the reasoning."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """HTTP scoring service for a fitted SPADE model (``spade-ad serve``): FastAPI app, micro-batcher, page.
 
-Needs only SPADE's public API; see :func:`create_app` and the README's "Service" section.
+Needs only SPADE's public API; see :func:`create_app` and docs/service.md.
 """
 
 from .app import create_app
