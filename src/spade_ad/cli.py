@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 import numpy as np
@@ -220,7 +220,14 @@ def _handle_errors(f: Callable) -> Callable:
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        def show(message, category, filename, lineno, file=None, line=None):
+        def show(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: TextIO | None = None,
+            line: str | None = None,
+        ) -> None:
             click.echo(f"warning: {message}", err=True)
 
         old = warnings.showwarning
@@ -357,21 +364,21 @@ def predict(
             if not segmented[i]:
                 continue
             np.save(tmp / "maps" / f"{stem}.npy", amap)
-            img = None
+            img = None  # loaded only when an overlay or an explanation needs it
             if not no_overlays or explain:
                 img = load_preprocessed(path, str(path), model.image_size, model.crop_size, model.max_pixels)
-            if not no_overlays:
+            if img is not None and not no_overlays:
                 Image.fromarray(heatmap_overlay(img, amap, vmin, vmax)).save(tmp / "overlays" / f"{stem}.png")
             if th is not None and th.pixel is not None:
                 Image.fromarray(((amap >= th.pixel) * 255).astype(np.uint8), "L").save(tmp / "masks" / f"{stem}.png")
-            if explanations is not None:
+            if img is not None and explanations is not None:
                 _write_explanation(tmp / "explain", stem, explanations[i], img, model)
         header = ["path", "image_score"] + (["is_anomalous"] if th is not None else [])
         header += ["segmented"] if segment_above is not None else []
         rows = []
         for i, (p, s) in enumerate(zip(paths, pred.image_scores)):
             # 10 significant digits: enough to compare scores to 1e-9 relative across tools.
-            row = [str(p), f"{s:.10g}"]
+            row: list[str | int] = [str(p), f"{s:.10g}"]
             if pred.is_anomalous is not None:
                 row.append(int(pred.is_anomalous[i]))
             if segment_above is not None:

@@ -172,11 +172,13 @@ def _plot_curves(results: list[CategoryResult], img_dir: Path) -> list[tuple[str
     fig.savefig(img_dir / "roc_image.png")
     out.append(("img/roc_image.png", "Image-level ROC, one line per category"))
 
-    with_masks = [(r, c) for r, c in zip(results, colours) if r.masks is not None and r.pixel_auroc is not None]
+    with_masks = [
+        (r, r.masks, c) for r, c in zip(results, colours) if r.masks is not None and r.pixel_auroc is not None
+    ]
     if with_masks:
         fig, ax = _figure("Pixel-level ROC")
-        for r, c in with_masks:
-            fpr, tpr = roc_curve_points(r.masks.ravel(), r.prediction.anomaly_maps.ravel())
+        for r, masks, c in with_masks:
+            fpr, tpr = roc_curve_points(masks.ravel(), r.prediction.anomaly_maps.ravel())
             fpr, tpr = _thin(fpr, tpr)
             ax.plot(fpr, tpr, color=c, lw=1.5, label=f"{r.category} (AUROC {r.pixel_auroc:.3f})")
         ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1)
@@ -187,8 +189,8 @@ def _plot_curves(results: list[CategoryResult], img_dir: Path) -> list[tuple[str
         out.append(("img/roc_pixel.png", "Pixel-level ROC, one line per category"))
 
         fig, ax = _figure("PRO curve (FPR 0 to 0.3)")
-        for r, c in with_masks:
-            fprs, pros = pro_curve(r.masks, r.prediction.anomaly_maps)
+        for r, masks, c in with_masks:
+            fprs, pros = pro_curve(masks, r.prediction.anomaly_maps)
             keep = fprs <= 0.3
             # Close the curve at exactly FPR 0.3, where the integral stops, by interpolating.
             x = np.append(fprs[keep], 0.3)
@@ -345,7 +347,8 @@ class _Category:
             rgb = _to_uint8(self.train_image(j))
             size = min(rgb.shape[0], 2 * THUMB)
             _save_photo(
-                np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR)), self.dir / f"train_{j:05d}.jpg"
+                np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)),
+                self.dir / f"train_{j:05d}.jpg",
             )
             self.thumbs[j] = f"{self.rel}/train_{j:05d}.jpg"
         return self.thumbs[j]

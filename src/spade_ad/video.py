@@ -254,7 +254,7 @@ def load_video_frames(
 
 def _binary_to_crop(binary: np.ndarray, image_size: int, crop_size: int) -> np.ndarray:
     """Full-size bool mask -> bool (crop, crop), exactly as :func:`read_mask` does after thresholding."""
-    m = Image.fromarray(binary.astype(np.uint8) * 255, "L").resize((image_size, image_size), Image.NEAREST)
+    m = Image.fromarray(binary.astype(np.uint8) * 255, "L").resize((image_size, image_size), Image.Resampling.NEAREST)
     left, top, right, bottom = crop_box(image_size, crop_size)
     return np.asarray(m)[top:bottom, left:right] > 127
 
