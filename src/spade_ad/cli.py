@@ -359,7 +359,7 @@ def predict(
         seg_maps = pred.anomaly_maps[segmented]
         vmin, vmax = (float(seg_maps.min()), float(seg_maps.max())) if len(seg_maps) else (0.0, 1.0)
         for i, (path, stem, amap) in enumerate(
-            tqdm(list(zip(paths, stems, pred.anomaly_maps)), desc="writing", unit="img", leave=False)
+            tqdm(list(zip(paths, stems, pred.anomaly_maps, strict=True)), desc="writing", unit="img", leave=False)
         ):
             if not segmented[i]:
                 continue
@@ -376,7 +376,7 @@ def predict(
         header = ["path", "image_score"] + (["is_anomalous"] if th is not None else [])
         header += ["segmented"] if segment_above is not None else []
         rows = []
-        for i, (p, s) in enumerate(zip(paths, pred.image_scores)):
+        for i, (p, s) in enumerate(zip(paths, pred.image_scores, strict=True)):
             # 10 significant digits: enough to compare scores to 1e-9 relative across tools.
             row: list[str | int] = [str(p), f"{s:.10g}"]
             if pred.is_anomalous is not None:
@@ -400,7 +400,7 @@ def _write_explanation(folder: Path, stem: str, e: Explanation, img: np.ndarray,
         ["rank", "train_index", "train_path", "squared_distance"],
         [
             [r + 1, int(j), model.train_paths_[j], f"{d:.6g}"]
-            for r, (j, d) in enumerate(zip(e.neighbors, e.neighbor_sq_distances))
+            for r, (j, d) in enumerate(zip(e.neighbors, e.neighbor_sq_distances, strict=True))
         ],
     )
     rebuilt = rebuild_from_matches(e, model.train_image)

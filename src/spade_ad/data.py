@@ -286,10 +286,7 @@ def load_preprocessed(
     item: ImageLike, name: str, image_size: int, crop_size: int, max_pixels: int, geometry: str = "squash"
 ) -> np.ndarray:
     """Read (if a path) and preprocess one image -> float32 (3, crop, crop)."""
-    if isinstance(item, np.ndarray):
-        rgb = array_to_rgb(item, name)
-    else:
-        rgb = read_image(item, max_pixels=max_pixels)
+    rgb = array_to_rgb(item, name) if isinstance(item, np.ndarray) else read_image(item, max_pixels=max_pixels)
     return preprocess(rgb, image_size, crop_size, geometry)
 
 

@@ -371,7 +371,7 @@ class SPADE:
         return np.stack(
             [
                 valid_region(*item_size(it, nm), self.image_size, self.crop_size, self.geometry)
-                for it, nm in zip(items, found)
+                for it, nm in zip(items, found, strict=True)
             ]
         )
 

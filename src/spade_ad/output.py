@@ -76,6 +76,6 @@ def unique_stems(paths: Sequence[str]) -> list[str]:
         return stems
     stems = [f"{Path(p).parent.name}_{Path(p).stem}" for p in paths]
     if len(set(stems)) != len(stems):
-        dup = sorted({s for s in stems if stems.count(s) > 1})[0]
+        dup = min({s for s in stems if stems.count(s) > 1})
         raise SpadeError(f"two inputs would both write outputs named {dup!r}; predict them in separate runs")
     return stems

@@ -238,7 +238,7 @@ def load_video_frames(
         if mdir.is_dir() and npy.is_file():
             raise DatasetError(f"{mdir} and {npy}: video {v.name!r} has both a mask folder and a mask array")
         if npy.is_file():
-            for t, label in zip(items, _check_npy(npy, frames)):
+            for t, label in zip(items, _check_npy(npy, frames), strict=True):
                 t.mask_array, t.label = npy, label
         elif mdir.is_dir():
             _attach_png_masks(mdir, items)
