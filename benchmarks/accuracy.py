@@ -107,13 +107,13 @@ def run_group(ds, models: list[tuple[str, SPADE]]) -> list[dict[str, Any]]:
         finish_s = (time.perf_counter() - t) / len(names)
         scores = m._image_score(knn, maps, valid)
         out.append(
-            dict(
-                setting=label,
-                image_auroc=image_auroc(labels, scores),
-                pixel_auroc=pixel_auroc(masks, maps, valid=valid),
-                pro=pro_auc(masks, maps, valid=valid),
-                s_img=feat_s + search_s + finish_s,
-            )
+            {
+                "setting": label,
+                "image_auroc": image_auroc(labels, scores),
+                "pixel_auroc": pixel_auroc(masks, maps, valid=valid),
+                "pro": pro_auc(masks, maps, valid=valid),
+                "s_img": feat_s + search_s + finish_s,
+            }
         )
     return out
 

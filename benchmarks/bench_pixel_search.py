@@ -112,10 +112,14 @@ def run_rows(
 ) -> list[list[str]]:
     """Time (and, with masks, score) each row; returns table rows."""
     n_test = levels[0].shape[0]
-    per_image = lambda i: [lv[i] for lv in levels]
+
+    def per_image(i: int) -> list[torch.Tensor]:
+        return [lv[i] for lv in levels]
+
     out, exact_maps, naive_time = [], None, None
     full_flops = flops_per_image(model, per_image(0))
-    for label, setup, search in rows:
+    for name, setup, search in rows:
+        label = name
         restore = setup(model)
         n = n_naive if search in (naive_maps, faiss_maps) else min(n_eval, n_test)
         times, maps = [], []
@@ -128,7 +132,7 @@ def run_rows(
         if search is naive_maps:
             naive_time = sec
             if exact_maps is not None:
-                rel = max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(maps, exact_maps))
+                rel = max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(maps, exact_maps, strict=True))
                 label += f" (max rel. diff vs ours {rel:.1e})"
         flops = window_flops(model, per_image(0), int(label.split("R=")[1].split()[0])) if "R=" in label else full_flops
         gflops = flops / sec / 1e9
@@ -203,7 +207,7 @@ def main() -> None:
     radii = [int(r) for r in args.windows.split(",") if r.strip()]
 
     # Embedded backbone, real weights, every test image.
-    model = SPADE().fit([t for t in ds.train])
+    model = SPADE().fit(list(ds.train))
     g, lv = model.extract(test_paths)
     levels = [x.permute(0, 2, 3, 1).contiguous() for x in lv]
     _, nbs, _ = model._knn(g)
@@ -246,7 +250,7 @@ def main() -> None:
         f"\nfp32 GEMM peak: {peak:.0f} GFLOP/s at the start, {peak2:.0f} at the end; fractions use "
         f"{max(peak, peak2):.0f}"
     )
-    for title, t in zip(titles, tables):
+    for title, t in zip(titles, tables, strict=True):
         print(title)
         print_table(header, t)
 

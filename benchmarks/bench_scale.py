@@ -10,9 +10,10 @@ written in the real model format (safetensors, checksum). For each N the real co
     spade-ad predict MODEL <transistor test images> --out DIR --no-overlays   (pixel features memory-mapped)
 
 runs in a child process; its peak RSS comes from ``wait4`` (the kernel's figure, as ``/usr/bin/time
--v`` reports), read by a tiny launcher process (see ``LAUNCHER``). The same is done with ``--no-mmap`` (the whole bank in memory) for contrast. Then, in
-this process, the image-level kNN search (k = 50) against the N global features is timed per query,
-alone and in batches of 64. Medians of ``--repeats`` runs. Needs about 3 GB of free disk for N = 10,000.
+-v`` reports), read by a tiny launcher process (see ``LAUNCHER``). The same is done with ``--no-mmap``
+(the whole bank in memory) for contrast. Then, in this process, the image-level kNN search (k = 50)
+against the N global features is timed per query, alone and in batches of 64. Medians of ``--repeats``
+runs. Needs about 3 GB of free disk for N = 10,000.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def run_predict(model: Path, images: list[str], out: Path, mmap: bool) -> tuple[
         "--mmap" if mmap else "--no-mmap",
     ]
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], check=False, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"predict failed ({r.returncode}):\n{r.stderr[-2000:]}")

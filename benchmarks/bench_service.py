@@ -306,7 +306,7 @@ def main() -> None:
     print("| answered 200 | answered 503 | other | server alive after | next request | server RSS before / after |")
     print("|---:|---:|---:|---|---:|---|")
     print(
-        f"| {codes.count(200)} | {codes.count(503)} | {len(other)} {other if other else ''} | "
+        f"| {codes.count(200)} | {codes.count(503)} | {len(other)} {other or ''} | "
         f"{'yes' if fl['alive'] else 'NO'} | {fl['after']} | {fl['rss_before']:.0f} / {fl['rss_after']:.0f} MB |"
     )
 

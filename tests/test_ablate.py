@@ -145,7 +145,10 @@ def test_renderings_hold_every_row_and_mark_the_default(ablation):
     # The paper setting is marked once in each group it appears in.
     marked = [line for line in table.splitlines() if line.startswith("* ") and not line.startswith("* base")]
     assert len(marked) == 4 == sum(r.default for r in result.rows)
-    assert all(line.startswith(f"* {r.setting} ") for line, r in zip(marked, [r for r in result.rows if r.default]))
+    assert all(
+        line.startswith(f"* {r.setting} ")
+        for line, r in zip(marked, [r for r in result.rows if r.default], strict=True)
+    )
     assert "* base setting" in table
     assert md.count("\\*") == 4 + 1  # four rows and the footnote
     assert "tables 6 and 7" in table

@@ -34,7 +34,7 @@ def test_fit_then_predict_writes_scores_maps_overlays(image_dirs, tmp_path):
     # Same numbers as the library.
     api = SPADE.load(model).predict([r["path"] for r in rows])
     np.testing.assert_allclose([float(r["image_score"]) for r in rows], api.image_scores, rtol=1e-5)
-    for row, amap in zip(rows, api.anomaly_maps):
+    for row, amap in zip(rows, api.anomaly_maps, strict=True):
         stem = Path(row["path"]).stem
         saved = np.load(out / "maps" / f"{stem}.npy")
         assert saved.dtype == np.float32 and saved.shape == (48, 48)

@@ -375,7 +375,7 @@ def test_load_folders_matches_masks_by_stem(tmp_path):
     # a mask without an image, a defective image without a mask, a mask of the wrong size
     orphan = tmp_path / "masks" / "z_mask.png"
     Image.fromarray(np.zeros((16, 20), np.uint8)).save(orphan)
-    with pytest.raises(DatasetError, match="z_mask.png: mask has no matching test image"):
+    with pytest.raises(DatasetError, match=r"z_mask\.png: mask has no matching test image"):
         load_folders(tmp_path / "train", anomalous=[tmp_path / "bad"], masks=tmp_path / "masks")
     orphan.unlink()
     my.unlink()

@@ -163,7 +163,7 @@ def test_missing_dataset_skips_visibly_or_fails_when_required(tmp_path, monkeypa
 
     missing = tmp_path / "no-such-datasets"
     monkeypatch.setattr(conftest, "REQUIRE_DATASETS", False)
-    with pytest.raises(pytest.skip.Exception, match="full dataset missing at .*no-such-datasets"):
+    with pytest.raises(pytest.skip.Exception, match=r"full dataset missing at .*no-such-datasets"):
         require_dataset(missing)
     monkeypatch.setattr(conftest, "REQUIRE_DATASETS", True)
     with pytest.raises(pytest.fail.Exception, match="SPADE_AD_REQUIRE_DATASETS"):

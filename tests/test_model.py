@@ -12,7 +12,7 @@ from scipy.ndimage import gaussian_filter
 
 from spade_ad import SPADE, NotFittedError, SpadeError
 
-SMALL = dict(image_size=48, crop_size=48, k=2)
+SMALL = {"image_size": 48, "crop_size": 48, "k": 2}
 
 
 def brute_force_maps(test_levels, train_levels, neighbors, crop, sigma):
@@ -25,10 +25,10 @@ def brute_force_maps(test_levels, train_levels, neighbors, crop, sigma):
     maps = []
     for i, nb in enumerate(neighbors):
         ups = []
-        for t_lv, b_lv in zip(test_levels, train_levels):
+        for t_lv, b_lv in zip(test_levels, train_levels, strict=True):
             t = t_lv[i].double().numpy()  # (C, h, w)
             gal = b_lv[nb].double().numpy()  # (K, C, h, w)
-            c, h, w = t.shape
+            _, h, w = t.shape
             gal_pts = [gal[n, :, yy, xx] for n in range(gal.shape[0]) for yy in range(h) for xx in range(w)]
             out = np.empty((h, w))
             for y in range(h):
@@ -85,7 +85,7 @@ def test_output_types_and_shapes(image_dirs):
     assert g.shape == (3, 1280)
     assert [tuple(lv.shape) for lv in levels] == [(3, 24, 12, 12), (3, 40, 6, 6), (3, 112, 3, 3)]
     # levels follow the order of `levels`
-    g2, lv2 = SPADE(levels=(3, 1), **SMALL).fit(train).extract(test)
+    _, lv2 = SPADE(levels=(3, 1), **SMALL).fit(train).extract(test)
     assert [tuple(lv.shape[1:2]) for lv in lv2] == [(112,), (24,)]
     assert torch.equal(lv2[0], levels[2]) and torch.equal(lv2[1], levels[0])
 
@@ -191,9 +191,9 @@ def test_reference_formula_is_wrong_on_current_torch_and_ours_is_not():
 def test_explanations_point_at_the_nearest_normal_feature(image_dirs):
     train, test = image_dirs
     model = SPADE(**SMALL).fit(train)
-    (e,) = model.explain([sorted(test.iterdir())[0]])
+    (e,) = model.explain([min(test.iterdir())])
     _, lv_train = model.extract(train)
-    _, lv_test = model.extract([sorted(test.iterdir())[0]])
+    _, lv_test = model.extract([min(test.iterdir())])
     t = lv_test[0][0].double()  # (C, 12, 12): finest level, stride 4
     b = lv_train[0].double()  # (6, C, 12, 12)
     assert e.level == 1 and e.stride == 4 and e.source_image.shape == (12, 12)

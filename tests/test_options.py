@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from spade_ad import SPADE, SpadeError
 
-SMALL = dict(image_size=48, crop_size=48, k=2)
+SMALL = {"image_size": 48, "crop_size": 48, "k": 2}
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_patch_size_averages_neighbourhoods_and_is_what_predict_uses(fitted, tmp
     _, plain = base.extract(test)
     m = SPADE(patch_size=3, **SMALL).fit(train)
     _, pooled = m.extract(test)
-    for p, q in zip(plain, pooled):
+    for p, q in zip(plain, pooled, strict=True):
         want = F.avg_pool2d(p, 3, stride=1, padding=1, count_include_pad=False)
         assert q.shape == p.shape
         torch.testing.assert_close(q, want, rtol=1e-5, atol=1e-5)
@@ -91,9 +91,9 @@ def test_other_embedded_backbones_fit_predict_and_reload(image_dirs, tmp_path, n
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(image_score="max"), "image_score must be one of"),
-        (dict(image_k=0), "image_k must be"),
-        (dict(patch_size=2), "patch_size must be an odd"),
+        ({"image_score": "max"}, "image_score must be one of"),
+        ({"image_k": 0}, "image_k must be"),
+        ({"patch_size": 2}, "patch_size must be an odd"),
     ],
 )
 def test_bad_options_are_refused(image_dirs, kwargs, message):

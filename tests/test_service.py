@@ -273,7 +273,7 @@ def test_score_matches_cli_predict(server: Server, model: SPADE, model_file: Pat
             assert [n["index"] for n in res["neighbours"]] == expected.neighbors[i][:5].tolist()
             assert [n["path"] for n in res["neighbours"]] == [model.train_paths_[j] for j in expected.neighbors[i][:5]]
             # Squared global distances, as predict gives them (no explain needed).
-            for n, d in zip(res["neighbours"], expected.neighbor_sq_distances[i][:5]):
+            for n, d in zip(res["neighbours"], expected.neighbor_sq_distances[i][:5], strict=True):
                 assert _rel(n["distance"], float(d)) <= 1e-6
             assert abs(res["map_max"] - float(expected.anomaly_maps[i].max())) <= 1e-6 * res["map_max"]
             assert 0 < res["seconds"] < 60
@@ -285,7 +285,7 @@ def test_explain_gives_squared_distances_and_correspondence(server: Server, mode
     res = _score(server, BENT, "?explain=true&neighbours=3")
     e = model.explain([str(BENT)])[0]
     assert [n["index"] for n in res["neighbours"]] == e.neighbors[:3].tolist()
-    for n, d in zip(res["neighbours"], e.neighbor_sq_distances[:3]):
+    for n, d in zip(res["neighbours"], e.neighbor_sq_distances[:3], strict=True):
         assert _rel(n["distance"], float(d)) <= 1e-6
     # The kNN image score is the mean of these squared distances over the k (= all 9) nearest.
     all9 = _score(server, BENT, "?explain=true&neighbours=50")
@@ -322,7 +322,7 @@ def test_batch_endpoint_matches_single_requests(server: Server):
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert [x["name"] for x in results] == [p.name for p in TEST_IMAGES]
-    for res, path in zip(results, TEST_IMAGES):
+    for res, path in zip(results, TEST_IMAGES, strict=True):
         assert _rel(res["image_score"], _score(server, path)["image_score"]) <= 1e-6
 
 
@@ -633,7 +633,7 @@ def test_timeout_answers_504_and_drops_the_waiting_image(model_file: Path):
 def test_micro_batching_groups_concurrent_requests_with_unchanged_scores(model: SPADE, model_file: Path):
     torch.set_num_threads(1)
     app = create_app(SPADE.load(model_file), ServiceSettings(max_batch=8, batch_wait_ms=1500, warmup=False))
-    paths = TEST_IMAGES + [TRANSISTOR / "test" / "cut_lead" / "000.png"]
+    paths = [*TEST_IMAGES, TRANSISTOR / "test" / "cut_lead" / "000.png"]
     label = {p: f"{p.parent.name}_{p.name}" for p in paths}  # unique upload names (the stems repeat)
     expected = {label[p]: float(model.predict([str(p)]).image_scores[0]) for p in paths}
     with _serve_in_thread(app) as s:
@@ -693,9 +693,9 @@ def test_batcher_batches_bounds_isolates_and_skips_cancelled():
 def test_read_image_bytes_equals_read_image_and_checks_before_decoding():
     data = BENT.read_bytes()
     assert np.array_equal(read_image_bytes(data, "x.png"), read_image(BENT))
-    with pytest.raises(ImageTooLargeError, match="bomb.png: 100000x100000"):
+    with pytest.raises(ImageTooLargeError, match=r"bomb\.png: 100000x100000"):
         read_image_bytes(_png_header_only(100_000, 100_000), "bomb.png")
-    with pytest.raises(ImageError, match="g.gif: not an image .*accepted: PNG"):
+    with pytest.raises(ImageError, match=r"g\.gif: not an image .*accepted: PNG"):
         read_image_bytes(_gif_bytes(), "g.gif", formats=("PNG",))
     assert read_image_bytes(_gif_bytes(), "g.gif").shape == (32, 32, 3)  # every Pillow format by default
 

@@ -142,7 +142,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[SPADE, Path, Path]
 
 
 def test_mmap_bank_predicts_bit_for_bit_the_same(fitted):
-    model, path, test = fitted
+    _, path, test = fitted
     mem = SPADE.load(path)
     mapped = SPADE.load(path, mmap=True)
     assert isinstance(mapped.bank_.levels[0], MappedLevel)
@@ -151,12 +151,12 @@ def test_mmap_bank_predicts_bit_for_bit_the_same(fitted):
     np.testing.assert_array_equal(a.anomaly_maps, b.anomaly_maps)
     # Unsorted and repeated indices come back in the order asked.
     idx = torch.tensor([5, 1, 1, 7, 0, 6])
-    for lv_mem, lv_map in zip(mem.bank_.levels, mapped.bank_.levels):
+    for lv_mem, lv_map in zip(mem.bank_.levels, mapped.bank_.levels, strict=True):
         assert torch.equal(lv_mem[idx], lv_map[idx])
 
 
 def test_mmap_bank_refuses_a_file_replaced_after_loading(fitted, tmp_path):
-    model, path, test = fitted
+    model, _, test = fitted
     copy = tmp_path / "m.safetensors"
     model.save(copy)
     mapped = SPADE.load(copy, mmap=True)
@@ -235,7 +235,8 @@ def test_cli_segment_above_writes_which_were_segmented(fitted, tmp_path):
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["predict", str(path), str(test), "--out", str(out), "--segment-above", str(cut)])
     assert r.exit_code == 0, r.output
-    rows = list(csv.DictReader(open(out / "scores.csv")))
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     seg = {Path(row["path"]).stem: row["segmented"] == "1" for row in rows}
     got = {Path(row["path"]).stem: float(row["image_score"]) for row in rows}
     for stem, s in got.items():

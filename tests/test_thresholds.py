@@ -17,7 +17,7 @@ from spade_ad.data import load_mvtec
 from spade_ad.evaluate import evaluate_dataset
 from spade_ad.thresholds import Thresholds, calibrate_thresholds, f1_at, f1_thresholds, split_holdout
 
-SMALL = dict(image_size=48, crop_size=48, k=2)
+SMALL = {"image_size": 48, "crop_size": 48, "k": 2}
 CLI_SMALL = ["--image-size", "48", "--crop-size", "48", "--k", "2"]
 
 

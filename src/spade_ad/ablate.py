@@ -355,7 +355,7 @@ def run_ablation(
             maps = finish(per_image, cfg.levels, cfg.sigma)
             img = float(image_auroc(labels, scores))
             pix = pro = None
-            if has_pixels:
+            if has_pixels and masks is not None:  # has_pixels implies masks; the check narrows the type
                 pix = float(pixel_auroc(masks, maps))
                 pro = float(pro_auc(masks, maps))
             secs = time.perf_counter() - t0 + (shared_search if cfg == centre else 0.0)

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,6 +44,10 @@ class BackboneInfo:
 
 class Backbone(nn.Module):
     """A frozen feature extractor: ``forward(x in [0,1]) -> (global (N, D), [stride 4, 8, 16 maps])``."""
+
+    # Buffers registered in __init__; declared so that the type checker knows they are tensors.
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, info: BackboneInfo, net: nn.Module, run: Callable[[nn.Module, torch.Tensor], tuple]):
         super().__init__()
@@ -87,7 +92,8 @@ def _lite_builder(n: int) -> Callable[[], nn.Module]:
 def _lite_runner(n: int) -> Callable[[nn.Module, torch.Tensor], tuple]:
     level_blocks = _LITE_LEVEL_BLOCKS[n]
 
-    def run(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    # net: Any because the untyped package's submodules are looked up by name.
+    def run(net: Any, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = net._swish(net._bn0(net._conv_stem(x)))
         levels = []
         for idx, block in enumerate(net._blocks):
@@ -121,7 +127,8 @@ def _lite_default_weights(n: int) -> Callable[[], Path]:
 # --------------------------------------------------------------------------------------------
 # torchvision ResNets (the paper's Wide-ResNet-50-2, and ResNet-18)
 # --------------------------------------------------------------------------------------------
-def _run_resnet(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+# net: Any because torchvision ships no py.typed; its layers are looked up by name.
+def _run_resnet(net: Any, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
     l1 = net.layer1(x)
     l2 = net.layer2(l1)
@@ -236,7 +243,7 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: weights file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         raise WeightsError(f"{path}: cannot be read as a PyTorch weights file ({exc})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

@@ -17,9 +17,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -138,7 +139,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return t.numpy().data
 
 
-def content_sha256(tensors: dict[str, Level], *texts: str) -> str:
+def content_sha256(tensors: Mapping[str, Level], *texts: str) -> str:
     """sha256 over the header texts, then names, shapes, dtypes and bytes of the tensors in name order.
 
     Covering the JSON texts too means an edited configuration is caught, not only edited features.
@@ -235,7 +236,7 @@ def load_model_file(path: str | os.PathLike, mmap: bool = False) -> tuple[Featur
                 )
             stamp = _file_stamp(p)
             tensors: dict[str, Level] = {}
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118 - safe_open is not a dict and has no __iter__
                 if mmap and k.startswith("level"):
                     sl = f.get_slice(k)
                     dtype = _DTYPES.get(sl.get_dtype())
@@ -259,7 +260,8 @@ def load_model_file(path: str | os.PathLike, mmap: bool = False) -> tuple[Featur
     missing = [k for k in ["global", *(f"level{i}" for i in range(n_levels))] if k not in tensors]
     if missing:
         raise ModelFileError(f"{p}: missing tensors {missing}")
-    bank = FeatureBank(tensors["global"], [tensors[f"level{i}"] for i in range(n_levels)], paths)
+    # Only level tensors are ever left mapped; the global features are always read into memory.
+    bank = FeatureBank(cast(torch.Tensor, tensors["global"]), [tensors[f"level{i}"] for i in range(n_levels)], paths)
     n = len(bank)
     if len(paths) != n or any(lv.shape[0] != n for lv in bank.levels):
         raise ModelFileError(f"{p}: inconsistent bank: {n} global features, {len(paths)} file names")

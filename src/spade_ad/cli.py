@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 import numpy as np
@@ -220,7 +220,14 @@ def _handle_errors(f: Callable) -> Callable:
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        def show(message, category, filename, lineno, file=None, line=None):
+        def show(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: TextIO | None = None,
+            line: str | None = None,
+        ) -> None:
             click.echo(f"warning: {message}", err=True)
 
         old = warnings.showwarning
@@ -361,12 +368,12 @@ def predict(
         seg_maps = pred.anomaly_maps[segmented]
         vmin, vmax = (float(seg_maps.min()), float(seg_maps.max())) if len(seg_maps) else (0.0, 1.0)
         for i, (path, stem, amap) in enumerate(
-            tqdm(list(zip(paths, stems, pred.anomaly_maps)), desc="writing", unit="img", leave=False)
+            tqdm(list(zip(paths, stems, pred.anomaly_maps, strict=True)), desc="writing", unit="img", leave=False)
         ):
             if not segmented[i]:
                 continue
             np.save(tmp / "maps" / f"{stem}.npy", amap)
-            img = None
+            img = None  # loaded only when an overlay or an explanation needs it
             if not no_overlays:
                 img = _write_overlay(tmp / "overlays" / f"{stem}.png", path, amap, model, vmin, vmax)
             elif explain:
@@ -375,14 +382,14 @@ def predict(
                 )
             if th is not None and th.pixel is not None:
                 Image.fromarray(((amap >= th.pixel) * 255).astype(np.uint8), "L").save(tmp / "masks" / f"{stem}.png")
-            if explanations is not None:
+            if img is not None and explanations is not None:
                 _write_explanation(tmp / "explain", stem, explanations[i], img, model)
         header = ["path", "image_score"] + (["is_anomalous"] if th is not None else [])
         header += ["segmented"] if segment_above is not None else []
         rows = []
-        for i, (p, s) in enumerate(zip(paths, pred.image_scores)):
+        for i, (p, s) in enumerate(zip(paths, pred.image_scores, strict=True)):
             # 10 significant digits: enough to compare scores to 1e-9 relative across tools.
-            row = [str(p), f"{s:.10g}"]
+            row: list[str | int] = [str(p), f"{s:.10g}"]
             if pred.is_anomalous is not None:
                 row.append(int(pred.is_anomalous[i]))
             if segment_above is not None:
@@ -404,7 +411,7 @@ def _write_explanation(folder: Path, stem: str, e: Explanation, img: np.ndarray,
         ["rank", "train_index", "train_path", "squared_distance"],
         [
             [r + 1, int(j), model.train_paths_[j], f"{d:.6g}"]
-            for r, (j, d) in enumerate(zip(e.neighbors, e.neighbor_sq_distances))
+            for r, (j, d) in enumerate(zip(e.neighbors, e.neighbor_sq_distances, strict=True))
         ],
     )
     rebuilt = rebuild_from_matches(e, model.train_image)
@@ -660,7 +667,7 @@ def demo(out: Path, overwrite: bool, **opts: Any) -> None:
         write_json(tmp / "results.json", summary)
         (tmp / "overlays").mkdir()
         vmin, vmax = float(pred.anomaly_maps.min()), float(pred.anomaly_maps.max())
-        for t, stem, amap in zip(ds.test, unique_stems([str(p) for p in paths]), pred.anomaly_maps):
+        for t, stem, amap in zip(ds.test, unique_stems([str(p) for p in paths]), pred.anomaly_maps, strict=True):
             _write_overlay(tmp / "overlays" / f"{stem}.png", t.path, amap, model, vmin, vmax)
         # 12 gallery entries (not evaluate's 24): each one runs an explanation, and the demo should stay quick.
         write_report([result], tmp / "report", config, gallery_per_category=12, progress=True)

@@ -213,7 +213,8 @@ def valid_region(height: int, width: int, image_size: int, crop_size: int, geome
 def _resize_float_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear (antialiased) resize of float RGB to (width, height), one Pillow 'F' plane per channel."""
     planes = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(rgb[:, :, c])).resize(size, Image.BILINEAR)) for c in range(3)
+        np.asarray(Image.fromarray(np.ascontiguousarray(rgb[:, :, c])).resize(size, Image.Resampling.BILINEAR))
+        for c in range(3)
     ]
     return np.stack(planes, axis=2)
 
@@ -228,7 +229,7 @@ def preprocess(rgb: np.ndarray, image_size: int, crop_size: int, geometry: str =
     top, left, nh, nw = placed_box(rgb.shape[0], rgb.shape[1], image_size, geometry)
     as8 = np.round(rgb * 255.0)
     if np.isfinite(rgb).all() and np.allclose(as8 / 255.0, rgb, atol=1e-6):
-        img = Image.fromarray(as8.astype(np.uint8), "RGB").resize((nw, nh), Image.BILINEAR)
+        img = Image.fromarray(as8.astype(np.uint8), "RGB").resize((nw, nh), Image.Resampling.BILINEAR)
         placed = np.asarray(img, dtype=np.float32) / 255.0
     else:
         placed = _resize_float_rgb(rgb, (nw, nh))
@@ -274,7 +275,7 @@ def read_mask(
     finally:
         img.close()
     top, left, nh, nw = placed_box(binary.shape[0], binary.shape[1], image_size, geometry)
-    m = Image.fromarray(binary.astype(np.uint8) * 255, "L").resize((nw, nh), Image.NEAREST)
+    m = Image.fromarray(binary.astype(np.uint8) * 255, "L").resize((nw, nh), Image.Resampling.NEAREST)
     full = np.zeros((image_size, image_size), dtype=bool)
     full[top : top + nh, left : left + nw] = np.asarray(m) > 127
     c_left, c_top, c_right, c_bottom = crop_box(image_size, crop_size)
@@ -285,10 +286,7 @@ def load_preprocessed(
     item: ImageLike, name: str, image_size: int, crop_size: int, max_pixels: int, geometry: str = "squash"
 ) -> np.ndarray:
     """Read (if a path) and preprocess one image -> float32 (3, crop, crop)."""
-    if isinstance(item, np.ndarray):
-        rgb = array_to_rgb(item, name)
-    else:
-        rgb = read_image(item, max_pixels=max_pixels)
+    rgb = array_to_rgb(item, name) if isinstance(item, np.ndarray) else read_image(item, max_pixels=max_pixels)
     return preprocess(rgb, image_size, crop_size, geometry)
 
 
@@ -363,7 +361,7 @@ def as_image_list(images: object) -> tuple[list[ImageLike], list[str]]:
             raise ImageError(f"array of shape {images.shape}: expected one image (H, W, 3|4) or a batch (N, H, W[, C])")
     elif isinstance(images, Sequence) or hasattr(images, "__iter__"):
         items = []
-        for x in images:  # type: ignore[union-attr]
+        for x in images:
             if isinstance(x, np.ndarray):
                 items.append(x)
             elif isinstance(x, (str, os.PathLike)):

@@ -106,7 +106,7 @@ def extract_features(
                 g_out = torch.empty((n, g.shape[1]), dtype=torch.float32)
                 lv_out = [torch.empty((n, *c.shape[1:]), dtype=torch.float32) for c in chosen]
             g_out[start : start + x.shape[0]] = g
-            for dst, src in zip(lv_out, chosen):
+            for dst, src in zip(lv_out, chosen, strict=True):
                 dst[start : start + x.shape[0]] = src
             bar.update(x.shape[0])
     assert g_out is not None

@@ -25,6 +25,7 @@ import warnings
 from bisect import bisect
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -44,7 +45,7 @@ _STRUCTURE_8 = np.ones((3, 3), dtype=int)
 # --------------------------------------------------------------------------- input checks
 
 
-def _image_inputs(labels, scores, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _image_inputs(labels: ArrayLike, scores: ArrayLike, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Validate image-level inputs; return (bool labels, scores) as 1-D arrays."""
     labels = np.asarray(labels)
     scores = _as_scores(scores)
@@ -65,7 +66,7 @@ def _image_inputs(labels, scores, name: str) -> tuple[np.ndarray, np.ndarray]:
     return labels, scores
 
 
-def _pixel_inputs(masks, maps, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _pixel_inputs(masks: ArrayLike, maps: ArrayLike, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Validate pixel-level inputs; return (bool masks, scores), both (N, H, W)."""
     masks = np.asarray(masks)
     maps = _as_scores(maps)
@@ -80,7 +81,7 @@ def _pixel_inputs(masks, maps, name: str) -> tuple[np.ndarray, np.ndarray]:
     return masks, maps
 
 
-def _as_scores(scores) -> np.ndarray:
+def _as_scores(scores: ArrayLike) -> np.ndarray:
     """Return scores as an array without copying when they are already numeric.
 
     float32 maps are *not* promoted to float64: only the order of the scores and which of them
@@ -108,7 +109,7 @@ def _require_both_classes(positive: np.ndarray, name: str, what: str, unit: str)
 # --------------------------------------------------------------------------- ROC metrics
 
 
-def image_auroc(labels, scores) -> float:
+def image_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     """Image-level ROC-AUC (sklearn ``roc_auc_score``); labels 0 = normal, 1 = anomalous.
 
     Tied scores count one half, as in sklearn (constant scores give 0.5).
@@ -118,7 +119,7 @@ def image_auroc(labels, scores) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def _valid_input(valid, shape: tuple[int, ...], name: str) -> np.ndarray | None:
+def _valid_input(valid: ArrayLike | None, shape: tuple[int, ...], name: str) -> np.ndarray | None:
     if valid is None:
         return None
     valid = np.asarray(valid, dtype=bool)
@@ -127,7 +128,7 @@ def _valid_input(valid, shape: tuple[int, ...], name: str) -> np.ndarray | None:
     return valid
 
 
-def pixel_auroc(masks, maps, valid=None) -> float:
+def pixel_auroc(masks: ArrayLike, maps: ArrayLike, valid: ArrayLike | None = None) -> float:
     """Pixel-level ROC-AUC over all pixels of all images.
 
     ``masks`` (N, H, W) bool/0-1 ground truth, ``maps`` (N, H, W) anomaly scores; ``valid``
@@ -143,7 +144,7 @@ def pixel_auroc(masks, maps, valid=None) -> float:
     return float(roc_auc_score(y_true, y_score))
 
 
-def roc_curve_points(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+def roc_curve_points(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Image-level ROC curve as (fpr, tpr) arrays (sklearn ``roc_curve``), e.g. for plots."""
     labels, scores = _image_inputs(labels, scores, "roc_curve_points")
     fpr, tpr, _ = roc_curve(labels, scores)
@@ -153,7 +154,7 @@ def roc_curve_points(labels, scores) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- PRO
 
 
-def pro_curve(masks, maps, valid=None) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(masks: ArrayLike, maps: ArrayLike, valid: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-region overlap (PRO) curve as (fprs, pros), like MVTec's ``compute_pro``.
 
     Every threshold between distinct scores gives one point: FPR = fraction of all defect-free
@@ -230,7 +231,7 @@ def pro_curve(masks, maps, valid=None) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate((zero, fprs, one)), np.concatenate((zero, pros, one))
 
 
-def trapezoid(x, y, x_max: float | None = None) -> float:
+def trapezoid(x: ArrayLike, y: ArrayLike, x_max: float | None = None) -> float:
     """Area under the curve (x, y) by the trapezoid rule, optionally only up to ``x_max``.
 
     MVTec's ``generic_util.trapezoid``: ``x`` sorted ascending (repeats allowed: vertical
@@ -273,7 +274,7 @@ def trapezoid(x, y, x_max: float | None = None) -> float:
     return float(np.sum(0.5 * (y[1:] + y[:-1]) * (x[1:] - x[:-1])) + correction)
 
 
-def pro_auc(masks, maps, fpr_limit: float = 0.3, valid=None) -> float:
+def pro_auc(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3, valid: ArrayLike | None = None) -> float:
     """Normalised area under the PRO curve up to ``fpr_limit`` (MVTec's AU-PRO, in [0, 1]).
 
     Dividing by ``fpr_limit`` makes a perfect detector score 1 whatever the limit.

@@ -242,7 +242,7 @@ class SPADE:
                     f"{bb.weights_source}: {self.backbone} weights differ from those the model was fitted "
                     f"with (sha256 {bb.weights_sha256[:12]}... vs {expected[:12]}...); use the same weights"
                 )
-            self._backbone = bb
+            self._backbone: Backbone | None = bb  # None after load(): rebuilt on first use
         return bb
 
     def _extract(self, images: Any, desc: str) -> tuple[Features, list[str]]:
@@ -390,7 +390,7 @@ class SPADE:
         return np.stack(
             [
                 valid_region(*item_size(it, nm), self.image_size, self.crop_size, self.geometry)
-                for it, nm in zip(items, found)
+                for it, nm in zip(items, found, strict=True)
             ]
         )
 

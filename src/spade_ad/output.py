@@ -77,9 +77,9 @@ def unique_stems(paths: Sequence[str]) -> list[str]:
         return stems
     parts = [Path(p).parent.parts for p in paths]
     for depth in range(1, max(len(x) for x in parts) + 1):
-        stems = ["_".join([*pp[-depth:], Path(p).stem]) for p, pp in zip(paths, parts)]
+        stems = ["_".join([*pp[-depth:], Path(p).stem]) for p, pp in zip(paths, parts, strict=True)]
         if len(set(stems)) == len(stems):
             return stems
     # Same folder and stem (x.png and x.jpg), or the same file twice: no folder name tells them apart.
-    dup = sorted({s for s in stems if stems.count(s) > 1})[0]
+    dup = min({s for s in stems if stems.count(s) > 1})
     raise SpadeError(f"two inputs would both write outputs named {dup!r}; predict them in separate runs")

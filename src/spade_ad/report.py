@@ -162,7 +162,7 @@ def _plot_curves(results: list[CategoryResult], img_dir: Path) -> list[tuple[str
     out: list[tuple[str, str]] = []
 
     fig, ax = _figure("Image-level ROC")
-    for r, c in zip(results, colours):
+    for r, c in zip(results, colours, strict=True):
         fpr, tpr = roc_curve_points(r.labels, r.prediction.image_scores)
         ax.plot(fpr, tpr, color=c, lw=1.5, label=f"{r.category} (AUROC {r.image_auroc:.3f})")
     ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1)
@@ -172,11 +172,15 @@ def _plot_curves(results: list[CategoryResult], img_dir: Path) -> list[tuple[str
     fig.savefig(img_dir / "roc_image.png")
     out.append(("img/roc_image.png", "Image-level ROC, one line per category"))
 
-    with_masks = [(r, c) for r, c in zip(results, colours) if r.masks is not None and r.pixel_auroc is not None]
+    with_masks = [
+        (r, r.masks, c)
+        for r, c in zip(results, colours, strict=True)
+        if r.masks is not None and r.pixel_auroc is not None
+    ]
     if with_masks:
         fig, ax = _figure("Pixel-level ROC")
-        for r, c in with_masks:
-            fpr, tpr = roc_curve_points(r.masks.ravel(), r.prediction.anomaly_maps.ravel())
+        for r, masks, c in with_masks:
+            fpr, tpr = roc_curve_points(masks.ravel(), r.prediction.anomaly_maps.ravel())
             fpr, tpr = _thin(fpr, tpr)
             ax.plot(fpr, tpr, color=c, lw=1.5, label=f"{r.category} (AUROC {r.pixel_auroc:.3f})")
         ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1)
@@ -187,8 +191,8 @@ def _plot_curves(results: list[CategoryResult], img_dir: Path) -> list[tuple[str
         out.append(("img/roc_pixel.png", "Pixel-level ROC, one line per category"))
 
         fig, ax = _figure("PRO curve (FPR 0 to 0.3)")
-        for r, c in with_masks:
-            fprs, pros = pro_curve(r.masks, r.prediction.anomaly_maps)
+        for r, masks, c in with_masks:
+            fprs, pros = pro_curve(masks, r.prediction.anomaly_maps)
             keep = fprs <= 0.3
             # Close the curve at exactly FPR 0.3, where the integral stops, by interpolating.
             x = np.append(fprs[keep], 0.3)
@@ -252,8 +256,8 @@ def _table_rows(results: list[CategoryResult], summary: dict[str, Any]) -> tuple
                 str(m["n_train"]),
                 str(m["n_test"]),
                 "—",
+                *pad,
             ]
-            + pad
         )
     rows.append(
         [
@@ -264,8 +268,8 @@ def _table_rows(results: list[CategoryResult], summary: dict[str, Any]) -> tuple
             "—",
             "—",
             "—",
+            *pad,
         ]
-        + pad
     )
     return header, rows
 
@@ -345,7 +349,8 @@ class _Category:
             rgb = _to_uint8(self.train_image(j))
             size = min(rgb.shape[0], 2 * THUMB)
             _save_photo(
-                np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR)), self.dir / f"train_{j:05d}.jpg"
+                np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)),
+                self.dir / f"train_{j:05d}.jpg",
             )
             self.thumbs[j] = f"{self.rel}/train_{j:05d}.jpg"
         return self.thumbs[j]
@@ -419,8 +424,9 @@ class _Category:
 
         # Explanation: nearest normal images and the picture rebuilt from matched normal patches.
         nbs = []
-        for rank_nb, (j, d2) in enumerate(zip(e.neighbors[:3], e.neighbor_sq_distances[:3]), start=1):
-            j = int(j)
+        for rank_nb, (j, d2) in enumerate(
+            zip(e.neighbors[:3].tolist(), e.neighbor_sq_distances[:3], strict=True), start=1
+        ):
             train_name = html.escape(_short_name(m.train_paths_[j]))
             nbs.append(
                 f'<figure><img src="{self._thumb(j)}" width="{THUMB}" height="{THUMB}" '
@@ -537,7 +543,8 @@ def write_report(
                 # One explain call per category: features for all shown images in batches.
                 explanations = c.model.explain(names) if names else []
                 entries = []
-                for rank, (i, bad, e) in enumerate(zip(c.shown, c.order.badness, explanations), start=1):
+                # badness covers every test image (worst first); shown is its first gallery_per_category.
+                for rank, (i, bad, e) in enumerate(zip(c.shown, c.order.badness, explanations, strict=False), start=1):
                     entries.append(c.entry(rank, int(i), float(bad), e))
                     bar.update(1)
                 n_test = len(r.labels)

@@ -162,7 +162,7 @@ def _argmin_in_tile(qa: torch.Tensor, gaT: torch.Tensor, tile_start: torch.Tenso
     order = torch.argsort(tile_start, stable=True)
     starts, counts = torch.unique_consecutive(tile_start[order], return_counts=True)
     pos = 0
-    for j, n in zip(starts.tolist(), counts.tolist()):
+    for j, n in zip(starts.tolist(), counts.tolist(), strict=True):
         rows = order[pos : pos + n]
         pos += n
         part = torch.mm(qa[rows], gaT[:, j : j + tile_g])

@@ -238,7 +238,7 @@ def load_video_frames(
         if mdir.is_dir() and npy.is_file():
             raise DatasetError(f"{mdir} and {npy}: video {v.name!r} has both a mask folder and a mask array")
         if npy.is_file():
-            for t, label in zip(items, _check_npy(npy, frames)):
+            for t, label in zip(items, _check_npy(npy, frames), strict=True):
                 t.mask_array, t.label = npy, label
         elif mdir.is_dir():
             _attach_png_masks(mdir, items)
@@ -254,7 +254,7 @@ def load_video_frames(
 
 def _binary_to_crop(binary: np.ndarray, image_size: int, crop_size: int) -> np.ndarray:
     """Full-size bool mask -> bool (crop, crop), exactly as :func:`read_mask` does after thresholding."""
-    m = Image.fromarray(binary.astype(np.uint8) * 255, "L").resize((image_size, image_size), Image.NEAREST)
+    m = Image.fromarray(binary.astype(np.uint8) * 255, "L").resize((image_size, image_size), Image.Resampling.NEAREST)
     left, top, right, bottom = crop_box(image_size, crop_size)
     return np.asarray(m)[top:bottom, left:right] > 127
 

@@ -117,7 +117,7 @@ def _request_body(field: str, many: bool) -> dict[str, Any]:
         "multipart/form-data": {"schema": {"type": "object", "properties": {field: file_schema}, "required": [field]}},
     }
     if not many:
-        content.update({t: _IMAGE_BODY for t in ACCEPTED_CONTENT_TYPES})
+        content.update(dict.fromkeys(ACCEPTED_CONTENT_TYPES, _IMAGE_BODY))
     return {"requestBody": {"required": True, "content": content}}
 
 
@@ -350,14 +350,14 @@ def create_app(
                     failed = next(
                         (
                             j.name
-                            for j, f in zip(jobs, futures)
+                            for j, f in zip(jobs, futures, strict=True)
                             if f.done() and not f.cancelled() and f.exception() is exc
                         ),
                         "upload",
                     )
                     raise UploadProblem(422, f"{failed}: {exc}") from None
                 return await run_in_threadpool(
-                    lambda: [_answer(m, j, s, want_map, n_neighbours, t0) for j, s in zip(jobs, scored)]
+                    lambda: [_answer(m, j, s, want_map, n_neighbours, t0) for j, s in zip(jobs, scored, strict=True)]
                 )
         except UploadProblem as exc:
             raise HTTPException(exc.status, exc.message) from None

@@ -130,7 +130,7 @@ class MicroBatcher(Generic[T, R]):
         with self._cond:
             if self._closed:
                 raise BatcherClosed("the service is shutting down")
-            self._pending.extend(zip(items, futures))
+            self._pending.extend(zip(items, futures, strict=True))
             self._cond.notify()
         return futures
 
@@ -183,7 +183,7 @@ class MicroBatcher(Generic[T, R]):
         self.stats.batches += 1
         self.stats.images += len(live)
         self.stats.largest_batch = max(self.stats.largest_batch, len(live))
-        for (_, fut), res in zip(live, results):
+        for (_, fut), res in zip(live, results, strict=True):
             fut.set_result(res)
 
     def close(self, timeout: float | None = 10.0) -> None:

@@ -55,7 +55,7 @@ def score_jobs(model: SPADE, jobs: list[Job]) -> list[Scored]:
     want = [i for i, j in enumerate(jobs) if j.explain]
     explanations: dict[int, Explanation] = {}
     if want:
-        explanations = dict(zip(want, model.explain([jobs[i].image for i in want])))
+        explanations = dict(zip(want, model.explain([jobs[i].image for i in want]), strict=True))
     out = []
     valid = getattr(pred, "valid", None)
     for i in range(len(jobs)):
@@ -99,7 +99,7 @@ def outline_rgba(mask: np.ndarray, width: int = 2) -> np.ndarray:
     """A transparent picture with the boundary of ``mask`` drawn in white, ``width`` pixels inside it."""
     inner = ndimage.binary_erosion(mask, iterations=width, border_value=0)
     edge = mask & ~inner
-    out = np.zeros(mask.shape + (4,), np.uint8)
+    out = np.zeros((*mask.shape, 4), np.uint8)
     out[edge] = (255, 255, 255, 255)
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,20 +55,22 @@ def run(
     # uvicorn answers 503 itself beyond this many concurrent connections+tasks: a backstop in front of
     # the image queue for clients that open connections without sending anything.
     limit_concurrency = max(64, 4 * settings.queue_size)
-    common = {
-        "host": host,
-        "port": port,
-        "log_level": log_level,
-        "access_log": access_log,
-        "limit_concurrency": limit_concurrency,
-        "timeout_keep_alive": 5,
-    }
+    # A partial rather than a dict of keyword arguments, so that the type checker checks each one.
+    serve = functools.partial(
+        uvicorn.run,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        limit_concurrency=limit_concurrency,
+        timeout_keep_alive=5,
+    )
     if workers == 1:
-        uvicorn.run(create_app(model, settings), **common)
+        serve(create_app(model, settings))
         return
     del model
     os.environ[ENV_MODEL] = str(Path(model_path).resolve())
     os.environ[ENV_SETTINGS] = settings.to_json()
     if weights is not None:
         os.environ[ENV_WEIGHTS] = str(weights)
-    uvicorn.run("spade_ad.service.server:app_from_env", factory=True, workers=workers, **common)
+    serve("spade_ad.service.server:app_from_env", factory=True, workers=workers)
