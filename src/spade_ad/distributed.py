@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
+import pyarrow as pa  # type: ignore[import-untyped]
+import pyarrow.fs as pafs  # type: ignore[import-untyped]
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
 import ray
 import torch
 from tqdm.auto import tqdm
@@ -145,7 +145,7 @@ def connect(address: str | None = None) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines would drown our progress
     if ray.is_initialized():
         return
-    ray.init(address=address, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours counts inputs, not blocks
     ctx.print_on_execution_start = False
@@ -159,7 +159,7 @@ def _workers(num_workers: int | None, cpus_per_worker: float) -> int:
 
 def _unwrap(exc: BaseException) -> BaseException:
     """The SpadeError behind a Ray task failure, if there is one (so the CLI can print it plainly)."""
-    seen = exc
+    seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, SpadeError):
             return seen
@@ -280,7 +280,7 @@ class Scorer:
             "segmented": segmented,
             "nearest_train": m.train_paths_[int(p.neighbors[0, 0])],
             "neighbors": p.neighbors[0].tolist(),
-            "neighbor_sq_distances": p.neighbor_sq_distances[0].tolist(),
+            "neighbor_sq_distances": np.asarray(p.neighbor_sq_distances)[0].tolist(),
             "map_file": None,
             "overlay_file": None,
             "mask_file": None,
@@ -537,7 +537,7 @@ def fit(
     n, dtype = len(names), BANK_DTYPES[model.bank_dtype]
     connect(address)
     writer: StreamingModelFile | None = None
-    global_: torch.Tensor | None = None
+    global_ = torch.empty(0)
     shas: set[str] = set()
     try:
         rows = _blocks(names, names, block_size)
@@ -565,7 +565,7 @@ def fit(
                     bar.update(k)
         if len(shas) != 1:
             raise SpadeError(f"workers extracted with different {model.backbone} weights (sha256 {sorted(shas)})")
-        assert writer is not None and global_ is not None
+        assert writer is not None
         model.fit_features(FeatureBank(global_, [], names), shas.pop())
         writer.finish(model.get_config(), names)
     except Exception as exc:  # noqa: BLE001 -- Ray wraps a worker's error in its own types
@@ -595,7 +595,7 @@ class RaySPADE(SPADE):
         **params: Any,
     ) -> None:
         super().__init__(**params)
-        self._ray = {"address": address, "num_workers": num_workers}
+        self._address, self._num_workers = address, num_workers
         self._workdir = workdir
         self._params = params
 
@@ -607,7 +607,14 @@ class RaySPADE(SPADE):
             weakref.finalize(self, shutil.rmtree, work, True)
         self._model_file = work / f"model-{time.time_ns()}.spade"
         params = {k: v for k, v in self._params.items() if k != "progress"}
-        fitted = fit(train, self._model_file, params, progress=self.progress, **self._ray)
+        fitted = fit(
+            train,
+            self._model_file,
+            params,
+            address=self._address,
+            num_workers=self._num_workers,
+            progress=self.progress,
+        )
         return self.fit_features(fitted.bank_, fitted.weights_sha256_)
 
     def predict(self, images: Any, segment_above: float | None = None) -> Prediction:
@@ -622,8 +629,9 @@ class RaySPADE(SPADE):
             segment_above=segment_above,
             progress=self.progress,
             return_maps=True,
-            weights=self.weights,
-            **self._ray,
+            weights=None if self.weights is None else str(self.weights),
+            address=self._address,
+            num_workers=self._num_workers,
         )
         if run.failures:
             raise SpadeError(f"{len(run.failures)} images could not be scored: {run.failures[0][1]}")
