@@ -131,7 +131,10 @@ def main() -> None:
     local_wall = statistics.median(w for w, _, _ in rows["local (single process)"])
     local_rss = statistics.median(r for _, r, _ in rows["local (single process)"])
     print()
-    print("| mode | wall s (median of 3, incl. start-up) | images/s | vs local | Ray overhead ms/img | peak RSS per worker MB | vs local RSS |")
+    print(
+        "| mode | wall s (median, incl. start-up) | images/s | vs local | Ray overhead ms/img "
+        "| peak RSS per worker MB | vs local RSS |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, runs in rows.items():
         wall = statistics.median(w for w, _, _ in runs)

@@ -139,6 +139,12 @@ def _scorer_processes(c: Cluster) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------
+def test_single_process_use_never_imports_ray():
+    code = "import sys, spade_ad, spade_ad.cli, spade_ad.evaluate; print('ray' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), check=True)
+    assert r.stdout.strip() == "False"
+
+
 def test_streaming_model_file_equals_save_model_file(tmp_path):
     """The file the distributed fit streams is the same model file save_model_file writes (rows in any order)."""
     g = torch.randn(5, 7)
