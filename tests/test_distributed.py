@@ -90,6 +90,13 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
+def _transistor_run(model: Path, out: Path, cluster: Cluster) -> tuple[Path, list[str]]:
+    """(results folder, command) of a 2-worker Ray predict of the 100 transistor test images."""
+    cmd = _cli("predict", str(model), str(TRANSISTOR / "test"), "--out", str(out), "--engine", "ray")
+    cmd += ["--address", cluster.address, "--num-workers", "2", "--no-overlays"]
+    return Path(D.results_dir(out, D.model_sha256(model))), cmd
+
+
 def _check_against_reference(results: str, ref: dict, paths: list[str]) -> None:
     table = D.read_scores(results)
     got = table.column("path").to_pylist()
@@ -190,10 +197,7 @@ def test_fit_predict_evaluate_on_ray_equal_single_process(cluster, reference):
 def test_killed_worker_loses_nothing(cluster, reference, tmp_path):
     paths = reference["test_paths"]  # 100 images
     model = reference["fast_model"]
-    out = tmp_path / "out"
-    results = Path(D.results_dir(out, D.model_sha256(model)))
-    cmd = _cli("predict", str(model), str(TRANSISTOR / "test"), "--out", str(out), "--engine", "ray")
-    cmd += ["--address", cluster.address, "--num-workers", "2", "--no-overlays"]
+    results, cmd = _transistor_run(model, tmp_path / "out", cluster)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     committed = _wait_for_parts(results, 1, proc)
     victims = _scorer_processes(cluster)
@@ -209,10 +213,7 @@ def test_killed_worker_loses_nothing(cluster, reference, tmp_path):
 def test_resume_after_killed_driver_scores_only_the_rest(cluster, reference, tmp_path):
     paths = reference["test_paths"]
     model = reference["fast_model"]
-    out = tmp_path / "out"
-    results = Path(D.results_dir(out, D.model_sha256(model)))
-    cmd = _cli("predict", str(model), str(TRANSISTOR / "test"), "--out", str(out), "--engine", "ray")
-    cmd += ["--address", cluster.address, "--num-workers", "2", "--no-overlays"]
+    results, cmd = _transistor_run(model, tmp_path / "out", cluster)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     _wait_for_parts(results, 2, proc)
     proc.send_signal(signal.SIGKILL)
@@ -228,7 +229,7 @@ def test_resume_after_killed_driver_scores_only_the_rest(cluster, reference, tmp
     # A different model writes its own dataset next to it, never into this one.
     other = tmp_path / "other.spade"
     SPADE(k=4).fit_features(SPADE.load(model).bank_, SPADE.load(model).weights_sha256_).save(other)
-    assert D.results_dir(out, D.model_sha256(other)) != str(results)
+    assert D.results_dir(results.parent, D.model_sha256(other)) != str(results)
 
 
 def test_corrupt_file_is_listed_and_good_output_kept(cluster, reference, tmp_path):

@@ -385,10 +385,25 @@ def predict(
     OUT/model-<sha>/failures.parquet (exit code 2), see docs/scale-out.md.
     """
     if engine == "ray":
-        _predict_on_ray(
-            model_path, images, out, overwrite, weights, no_overlays, explain, segment_above, mmap, address, num_workers
+        from . import distributed
+
+        if explain or not mmap:
+            raise click.UsageError("--explain and --no-mmap are not available with --engine ray")
+        run = distributed.predict(
+            model_path,
+            [str(p) for p in images],
+            str(out),
+            address=address,
+            num_workers=num_workers,
+            weights=weights,
+            overlays=not no_overlays,
+            segment_above=segment_above,
+            overwrite=overwrite,
         )
-        return
+        for _, error in run.failures:
+            click.echo(f"failed: {error}", err=True)
+        click.echo(run.summary())
+        sys.exit(2 if run.failures else 0)
     check_can_write(out, overwrite)
     model = SPADE.load(model_path, weights=weights, progress=True, mmap=mmap)
     paths = expand_inputs(images)
@@ -442,41 +457,6 @@ def predict(
         f"scored {len(paths)} images in {seconds:.1f} s ({seconds / max(1, len(paths)):.3f} s per image)"
         f"{seg_note}; results in {out}"
     )
-
-
-def _predict_on_ray(
-    model_path: Path,
-    images: tuple[Path, ...],
-    out: Path,
-    overwrite: bool,
-    weights: str | None,
-    no_overlays: bool,
-    explain: bool,
-    segment_above: float | None,
-    mmap: bool,
-    address: str | None,
-    num_workers: int | None,
-) -> None:
-    from . import distributed
-
-    if explain or not mmap:
-        raise click.UsageError("--explain and --no-mmap are not available with --engine ray")
-    run = distributed.predict(
-        model_path,
-        [str(p) for p in images],
-        str(out),
-        address=address,
-        num_workers=num_workers,
-        weights=weights,
-        overlays=not no_overlays,
-        segment_above=segment_above,
-        overwrite=overwrite,
-    )
-    for path, error in run.failures:
-        click.echo(f"failed: {error}", err=True)
-    click.echo(run.summary())
-    if run.failures:
-        sys.exit(2)
 
 
 def _write_explanation(folder: Path, stem: str, e: Explanation, img: np.ndarray, model: SPADE) -> None:
