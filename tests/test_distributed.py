@@ -203,6 +203,7 @@ def test_killed_worker_loses_nothing(cluster, reference, tmp_path):
     victims = _scorer_processes(cluster)
     assert victims, "no scoring actor found to kill"
     os.kill(victims[0], signal.SIGKILL)
+    assert proc.poll() is None, "the kill happened while the run was in flight"
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert committed < len(paths) / D.BLOCK_SIZE, "the kill happened while the run was in flight"
@@ -218,6 +219,10 @@ def test_resume_after_killed_driver_scores_only_the_rest(cluster, reference, tmp
     _wait_for_parts(results, 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # Ray ends a dead driver's actors; wait for that, so no straggler commits a block after we count.
+    deadline = time.monotonic() + 60
+    while _scorer_processes(cluster) and time.monotonic() < deadline:
+        time.sleep(0.2)
     done = D.scored_paths(str(results))
     assert 0 < len(done) < len(paths) and len(set(done)) == len(done)
     rerun = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_env(), timeout=300)
