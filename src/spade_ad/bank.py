@@ -266,3 +266,88 @@ def load_model_file(path: str | os.PathLike, mmap: bool = False) -> tuple[Featur
     if len(paths) != n or any(lv.shape[0] != n for lv in bank.levels):
         raise ModelFileError(f"{p}: inconsistent bank: {n} global features, {len(paths)} file names")
     return bank, config
+
+
+_SAFETENSORS_DTYPES = {v: k for k, v in _DTYPES.items()}
+
+
+class StreamingModelFile:
+    """Write a model file whose features arrive in pieces, without the whole bank in memory.
+
+    Rows go into a temp data file next to ``path`` at their final offsets (any order); :meth:`finish`
+    then hashes that file in chunks and writes the same format-1 safetensors file as
+    :func:`save_model_file` (same tensors, same checksum), atomically. ``shapes``: tensor name ->
+    (N, ...) in the stored dtype, named as in a model file (``global``, ``level0`` ...).
+    """
+
+    def __init__(self, path: str | os.PathLike, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.layout: dict[str, tuple[tuple[int, ...], torch.dtype, int, int]] = {}
+        offset = 0
+        for name in sorted(shapes):  # the order content_sha256 hashes in, so hashing reads the file once
+            shape, dtype = shapes[name]
+            row = torch.Size(shape[1:]).numel() * dtype.itemsize
+            self.layout[name] = (tuple(shape), dtype, offset, row)
+            offset += shape[0] * row
+        self.size = offset
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".data", dir=self.path.parent)
+        self.data_path = Path(tmp)
+        self._f = os.fdopen(fd, "wb+")
+        self._f.truncate(self.size)
+
+    def write(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Store ``rows`` (n, ...) of tensor ``name`` from row ``start`` on."""
+        shape, dtype, offset, row = self.layout[name]
+        if rows.dtype != dtype or tuple(rows.shape[1:]) != shape[1:] or start + len(rows) > shape[0]:
+            raise ValueError(f"{name}: rows {tuple(rows.shape)} {rows.dtype} do not fit {shape} {dtype} at {start}")
+        self._f.seek(offset + start * row)
+        self._f.write(_tensor_bytes(rows))
+
+    def finish(self, config: dict[str, Any], paths: list[str]) -> Path:
+        """Hash, write header + data to ``path`` atomically, remove the temp data file; returns the path."""
+        self._f.flush()
+        config_json, files_json = json.dumps(config, sort_keys=True), json.dumps(paths)
+        h = hashlib.sha256()
+        for text in (config_json, files_json):
+            h.update(text.encode())
+            h.update(b"\0")
+        header: dict[str, Any] = {}
+        for name, (shape, dtype, offset, row) in self.layout.items():
+            h.update(f"{name}|{shape}|{dtype}|".encode())
+            self._f.seek(offset)
+            left = shape[0] * row
+            while left:
+                block = self._f.read(min(left, _HASH_CHUNK_BYTES))
+                h.update(block)
+                left -= len(block)
+            end = offset + shape[0] * row
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        header["__metadata__"] = {
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "config": config_json,
+            "train_files": files_json,
+            "content_sha256": h.hexdigest(),
+        }
+        head = json.dumps(header).encode()
+        head += b" " * (-len(head) % 8)  # safetensors pads the header with spaces to 8-byte alignment
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as out:
+                out.write(len(head).to_bytes(8, "little"))
+                out.write(head)
+                self._f.seek(0)
+                while block := self._f.read(_HASH_CHUNK_BYTES):
+                    out.write(block)
+
+        try:
+            atomic_write(self.path, write)
+        finally:
+            self.close()
+        return self.path
+
+    def close(self) -> None:
+        """Drop the temp data file (also on failure; the model file is then never written)."""
+        self._f.close()
+        self.data_path.unlink(missing_ok=True)

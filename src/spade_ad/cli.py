@@ -183,6 +183,28 @@ def threshold_options(f: Callable) -> Callable:
     return f
 
 
+def engine_options(f: Callable) -> Callable:
+    """Where the work runs: this process (default) or a Ray cluster (``pip install "spade-ad[ray]"``)."""
+    f = click.option(
+        "--num-workers",
+        type=click.IntRange(min=1),
+        default=None,
+        help="With --engine ray: model replicas (default: one per CPU of the cluster).",
+    )(f)
+    f = click.option(
+        "--address",
+        default=None,
+        help="With --engine ray: the cluster to join (e.g. 'auto' or host:6379; default: start a local one).",
+    )(f)
+    return click.option(
+        "--engine",
+        type=click.Choice(["local", "ray"]),
+        default="local",
+        show_default=True,
+        help="Run in this process, or across a Ray cluster (resumable; see docs/scale-out.md).",
+    )(f)
+
+
 _MODEL_KEYS = (
     "backbone",
     "weights",
@@ -203,7 +225,7 @@ _MODEL_KEYS = (
 )
 
 
-def _make_model(opts: dict[str, Any], progress: bool = True) -> SPADE:
+def _make_model(opts: dict[str, Any], progress: bool = True, cls: type[SPADE] = SPADE, **extra: Any) -> SPADE:
     """The model the options describe: the --preset's settings, overridden by options given explicitly."""
     preset = PRESETS[opts["preset"]]
     ctx = click.get_current_context(silent=True)
@@ -212,7 +234,7 @@ def _make_model(opts: dict[str, Any], progress: bool = True) -> SPADE:
         return ctx is None or ctx.get_parameter_source(key) is not click.core.ParameterSource.DEFAULT
 
     overrides = {key: opts[key] for key in _MODEL_KEYS if key not in preset or given(key)}
-    return SPADE.from_preset(opts["preset"], progress=progress, **overrides)
+    return cls.from_preset(opts["preset"], progress=progress, **overrides, **extra)
 
 
 def _handle_errors(f: Callable) -> Callable:
@@ -269,9 +291,18 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @model_options
 @threshold_options
+@engine_options
 @_handle_errors
 def fit(
-    data: Path, out: Path, overwrite: bool, calibrate: float | None, threshold_from: Path | None, **opts: Any
+    data: Path,
+    out: Path,
+    overwrite: bool,
+    calibrate: float | None,
+    threshold_from: Path | None,
+    engine: str,
+    address: str | None,
+    num_workers: int | None,
+    **opts: Any,
 ) -> None:
     """Fit on DATA: a folder of normal images, or an MVTec category folder (its train/good is used)."""
     check_can_write(out, overwrite)
@@ -280,7 +311,21 @@ def fit(
     validation = load_labelled(threshold_from) if threshold_from is not None else None
     train_dir = data / "train" / "good" if (data / "train" / "good").is_dir() else data
     t0 = time.perf_counter()
-    model = _make_model(opts).fit(train_dir, calibrate=calibrate)
+    if engine == "ray":
+        from . import distributed
+
+        if calibrate is None and validation is None:  # stream the bank straight into the model file
+            params = {k: v for k, v in vars(_make_model(opts, progress=False)).items() if not k.startswith("_")}
+            model = distributed.fit(train_dir, out, params, address=address, num_workers=num_workers)
+            click.echo(
+                f"fitted on {len(model.train_paths_)} images from {train_dir} in {time.perf_counter() - t0:.1f} s "
+                f"on Ray; model written to {out}"
+            )
+            return
+        model = _make_model(opts, cls=distributed.RaySPADE, address=address, num_workers=num_workers)
+    else:
+        model = _make_model(opts)
+    model = model.fit(train_dir, calibrate=calibrate)
     if validation is not None:
         set_thresholds_from_validation(model, validation)
     model.save(out)
@@ -324,6 +369,7 @@ def fit(
     show_default=True,
     help="Leave the pixel features in the model file and read only each image's K neighbours.",
 )
+@engine_options
 @_handle_errors
 def predict(
     model_path: Path,
@@ -336,6 +382,9 @@ def predict(
     segment_above: float | None,
     recursive: bool,
     mmap: bool,
+    engine: str,
+    address: str | None,
+    num_workers: int | None,
 ) -> None:
     """Score IMAGES (files and/or folders) with MODEL.
 
@@ -346,7 +395,32 @@ def predict(
     Folders are walked with their sub-folders (--no-recursive: only the files directly inside).
     When two inputs share a file stem, every output is named <parent folder>_<stem> (more parent
     folders when those still collide).
+
+    With --engine ray: IMAGES may also be URIs (s3://...), OUT/model-<sha>/scores is a Parquet dataset,
+    a re-run skips inputs already scored by the same model, unreadable inputs are listed in
+    OUT/model-<sha>/failures.parquet (exit code 2), see docs/scale-out.md.
     """
+    if engine == "ray":
+        from . import distributed
+
+        if explain or not mmap:
+            raise click.UsageError("--explain and --no-mmap are not available with --engine ray")
+        run = distributed.predict(
+            model_path,
+            [str(p) for p in images],
+            str(out),
+            address=address,
+            num_workers=num_workers,
+            weights=weights,
+            overlays=not no_overlays,
+            segment_above=segment_above,
+            overwrite=overwrite,
+            recursive=recursive,
+        )
+        for _, error in run.failures:
+            click.echo(f"failed: {error}", err=True)
+        click.echo(run.summary())
+        sys.exit(2 if run.failures else 0)
     check_can_write(out, overwrite)
     model = SPADE.load(model_path, weights=weights, progress=True, mmap=mmap)
     paths = expand_inputs(images, recursive=recursive)
@@ -543,6 +617,7 @@ def _print_results(results: list[CategoryResult], summary: dict[str, Any]) -> No
 @click.option("--overwrite", is_flag=True, help="Replace the --json file / --report folder if they exist.")
 @model_options
 @threshold_options
+@engine_options
 @_handle_errors
 def evaluate(
     root: Path | None,
@@ -560,6 +635,9 @@ def evaluate(
     overwrite: bool,
     calibrate: float | None,
     threshold_from: Path | None,
+    engine: str,
+    address: str | None,
+    num_workers: int | None,
     **opts: Any,
 ) -> None:
     """Fit on normal images, score a labelled test set, report image AUROC, pixel AUROC and PRO.
@@ -602,13 +680,18 @@ def evaluate(
     if calibrate is not None and threshold_from is not None:
         raise click.UsageError("use either --calibrate or --threshold-from, not both")
     validation = load_labelled(threshold_from) if threshold_from is not None else None
+    make_model = functools.partial(_make_model, opts)
+    if engine == "ray":
+        from .distributed import RaySPADE
+
+        make_model = functools.partial(make_model, cls=RaySPADE, address=address, num_workers=num_workers)
     results = []
     for ds in datasets:
         click.echo(f"{ds.name}: {len(ds.train)} train, {len(ds.test)} test images", err=True)
         results.append(
             evaluate_dataset(
                 ds,
-                lambda: _make_model(opts),
+                make_model,
                 log=lambda s: click.echo(s, err=True),
                 calibrate=calibrate,
                 validation=validation,

@@ -298,6 +298,16 @@ class SPADE:
         self.thresholds_: Thresholds | None = None
         return self
 
+    def fit_features(self, bank: FeatureBank, weights_sha256: str) -> SPADE:
+        """Use features extracted elsewhere (e.g. by Ray workers, :mod:`spade_ad.distributed`) as the fitted
+        bank; ``weights_sha256``: the hash of the backbone weights that extracted them."""
+        self._validate()
+        self.__dict__.pop("_backbone", None)
+        n = len(bank)
+        self.bank_, self.k_, self.image_k_ = bank, min(self.k, n), min(self.image_k or self.k, n)
+        self.weights_sha256_, self.thresholds_ = weights_sha256, None
+        return self
+
     def calibrate(
         self,
         normal_images: Any,
