@@ -790,15 +790,58 @@ def info(model_path: Path, as_json: bool, files: bool) -> None:
     default="info",
     show_default=True,
 )
+@click.option(
+    "--admin-token-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="File holding the admin token: enables POST /v1/normal and DELETE /v1/normal/{index}, which change "
+    "MODEL in place (needs --workers 1).",
+)
+@click.option(
+    "--audit-log",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Append-only JSON-lines log of operator changes and refused attempts (default: MODEL.audit.jsonl).",
+)
+@click.option(
+    "--normal-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where images added over HTTP are kept, named by sha256 (default: the folder MODEL.normal).",
+)
+@click.option(
+    "--admin-max-per-minute",
+    type=click.IntRange(min=1),
+    default=60,
+    show_default=True,
+    help="Most images added or removed per minute; beyond that 429 with Retry-After.",
+)
 @_handle_errors
 def serve(
-    model_path: Path, host: str, port: int, workers: int, weights: str | None, log_level: str, **settings: Any
+    model_path: Path,
+    host: str,
+    port: int,
+    workers: int,
+    weights: str | None,
+    log_level: str,
+    admin_token_file: Path | None,
+    audit_log: Path | None,
+    normal_dir: Path | None,
+    admin_max_per_minute: int,
+    **settings: Any,
 ) -> None:
     """Serve MODEL over HTTP: POST /v1/score, /v1/score/batch; GET /v1/model, /healthz, /readyz, and an
-    inspection page at / (see README, "Service")."""
+    inspection page at / (see README, "Service"). With --admin-token-file, also the operator loop
+    (docs/operator-loop.md)."""
+    from .service.admin import Operator
     from .service.server import run
     from .service.settings import ServiceSettings
 
+    operator = None
+    if admin_token_file is not None:
+        operator = Operator.from_files(admin_token_file, model_path, audit_log, normal_dir, admin_max_per_minute)
+    elif audit_log is not None or normal_dir is not None:
+        raise click.UsageError("--audit-log and --normal-dir need --admin-token-file")
     run(
         model_path,
         ServiceSettings(**settings),
@@ -807,6 +850,7 @@ def serve(
         workers=workers,
         weights=weights,
         log_level=log_level,
+        operator=operator,
     )
 
 
