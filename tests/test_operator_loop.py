@@ -253,7 +253,7 @@ def test_tokens_401_403_never_echoed(op_server: Server):
     cases = [
         ({}, 401),
         ({"Authorization": "Basic " + TOKEN}, 401),
-        ({"Authorization": "Bearer "}, 401),
+        ({"Authorization": "Bearer"}, 401),
         (_auth(TOKEN[:-1]), 403),
         (_auth(TOKEN + "x"), 403),
         (_auth(TOKEN.upper()), 403),
