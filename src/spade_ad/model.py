@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .backbones import Backbone, backbone_info, build_backbone
-from .bank import FeatureBank, MappedLevel, content_sha256, load_model_file, save_model_file
+from .bank import FeatureBank, Level, MappedLevel, content_sha256, load_model_file, save_model_file
 from .data import DEFAULT_MAX_PIXELS, GEOMETRIES, as_image_list, item_size, load_preprocessed, valid_region
 from .errors import ModelFileError, NotFittedError, SpadeError, WeightsError
 from .features import Features, Preprocessing, extract_features
@@ -283,7 +283,8 @@ class SPADE:
         self.image_k_ = min(self.image_k or self.k, n)
         self.weights_sha256_ = self._get_backbone().weights_sha256
         self.thresholds_: Thresholds | None = None
-        self.version_, self.history_ = 0, []
+        self.version_ = 0
+        self.history_: list[dict[str, Any]] = []
         self._record("fit", n_added=n)
         return self
 
@@ -495,7 +496,7 @@ class SPADE:
         self._validate()
         feats, names = self._extract(images, "add")
         old, dtype = self.bank_, BANK_DTYPES[self.bank_dtype]
-        levels = [
+        levels: list[Level] = [
             torch.cat([lv.materialize() if isinstance(lv, MappedLevel) else lv, new.to(dtype)])
             for lv, new in zip(old.levels, feats.levels)
         ]
@@ -524,10 +525,10 @@ class SPADE:
         keep[torch.tensor(idx, dtype=torch.long)] = False
         old = self.bank_
         rows = torch.nonzero(keep).reshape(-1)
-        levels = [lv[rows] if isinstance(lv, MappedLevel) else lv[keep] for lv in old.levels]
+        levels: list[Level] = [lv[rows] if isinstance(lv, MappedLevel) else lv[keep] for lv in old.levels]
         if any(isinstance(lv, MappedLevel) for lv in old.levels):
             # Mapped rows come back as float32; store them as the bank keeps them.
-            levels = [lv.to(BANK_DTYPES[self.bank_dtype]) for lv in levels]
+            levels = [lv.to(BANK_DTYPES[self.bank_dtype]) for lv in levels if isinstance(lv, torch.Tensor)]
         names = [old.paths[i] for i in sorted(idx)]
         self._set_bank(FeatureBank(old.global_[keep], levels, [p for p, k in zip(old.paths, keep.tolist()) if k]))
         self._record("remove", n_removed=len(idx), names=names, by=by)

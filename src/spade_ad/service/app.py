@@ -467,7 +467,7 @@ def create_app(
     # -- the operator loop: add / remove normal images ------------------------------------------
     # One change at a time; scoring goes on with the model it pinned while a change is prepared.
     change_lock = asyncio.Lock()
-    admin_errors = {
+    admin_errors: dict[int | str, dict[str, Any]] = {
         401: {"model": Problem, "description": "No admin token sent (Authorization: Bearer <token>)."},
         403: {"model": Problem, "description": "Wrong admin token, or the operator endpoints are disabled."},
         429: {"model": Problem, "description": "Too many changes this minute; retry after Retry-After seconds."},
@@ -571,13 +571,14 @@ def create_app(
         client = _client(request)
 
         def change() -> NormalChange:
+            m, _ = svc.require()
             kept = [op.keep_upload(up.data, _format(up.data)) for up in uploads]
             images = [
-                {"name": up.name, "sha256": k.stem, "index": len(svc.model.train_paths_) + i, "path": str(k)}  # type: ignore[union-attr]
+                {"name": up.name, "sha256": k.stem, "index": len(m.train_paths_) + i, "path": str(k)}
                 for i, (up, k) in enumerate(zip(uploads, kept))
             ]
             # Copy-on-write: add_normal builds a new bank; the live model is untouched until the swap.
-            new = copy.copy(svc.model).add_normal([str(k) for k in kept], by=f"service admin at {client}")
+            new = copy.copy(m).add_normal([str(k) for k in kept], by=f"service admin at {client}")
             _commit(op, new, request, "add", images)
             return _change_answer(new, "add", images)
 
@@ -599,13 +600,13 @@ def create_app(
         client = _client(request)
 
         def change() -> NormalChange:
-            m = svc.model
-            n = len(m.train_paths_)  # type: ignore[union-attr]
+            m, _ = svc.require()
+            n = len(m.train_paths_)
             if not 0 <= index < n:
                 raise HTTPException(404, f"no training image {index}: the model has {n} (0..{n - 1})")
             if n == 1:
                 raise HTTPException(422, "the model's last training image cannot be removed")
-            path = m.train_paths_[index]  # type: ignore[union-attr]
+            path = m.train_paths_[index]
             images = [{"name": Path(path).name, "index": index, "path": path}]
             new = copy.copy(m).remove_normal([index], by=f"service admin at {client}")
             _commit(op, new, request, "remove", images)
