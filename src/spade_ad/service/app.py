@@ -354,6 +354,22 @@ def create_app(
         res.seconds = time.perf_counter() - t0
         return res
 
+    async def _read_uploads(request: Request, field: str, limit_files: int) -> list[Upload]:
+        """The request's images, still encoded (body size, content type and multipart checks)."""
+        body = await read_body(
+            request.stream(),
+            request.headers.get("content-length"),
+            limit_files * settings.max_upload_bytes + MULTIPART_OVERHEAD,
+        )
+        return uploads_from_body(
+            request.headers.get("content-type"),
+            body,
+            request.headers.get("x-filename"),
+            settings.batch_request_limit,
+            settings.max_upload_bytes,
+            field,
+        )
+
     async def _score(
         request: Request, many: bool, want_map: bool, explain: bool, n_neighbours: int
     ) -> list[ScoreResult]:
@@ -367,20 +383,7 @@ def create_app(
             raise HTTPException(503, f"{exc}; retry shortly", headers={"Retry-After": "1"}) from None
         try:
             async with asyncio.timeout(settings.request_timeout_s):
-                body = await read_body(
-                    request.stream(),
-                    request.headers.get("content-length"),
-                    limit_files * settings.max_upload_bytes + MULTIPART_OVERHEAD,
-                )
-                uploads = uploads_from_body(
-                    request.headers.get("content-type"),
-                    body,
-                    request.headers.get("x-filename"),
-                    settings.batch_request_limit,
-                    settings.max_upload_bytes,
-                    "files" if many else "file",
-                )
-                del body
+                uploads = await _read_uploads(request, "files" if many else "file", limit_files)
                 if not many and len(uploads) > 1:
                     raise UploadProblem(
                         422, f"{len(uploads)} images sent to /v1/score; send one, or use /v1/score/batch"
@@ -549,20 +552,7 @@ def create_app(
         op = _authorize(request)
         m0, _ = svc.require()
         try:
-            body = await read_body(
-                request.stream(),
-                request.headers.get("content-length"),
-                settings.batch_request_limit * settings.max_upload_bytes + MULTIPART_OVERHEAD,
-            )
-            uploads = uploads_from_body(
-                request.headers.get("content-type"),
-                body,
-                request.headers.get("x-filename"),
-                settings.batch_request_limit,
-                settings.max_upload_bytes,
-                "file",
-            )
-            del body
+            uploads = await _read_uploads(request, "file", settings.batch_request_limit)
             # Decoded here only to refuse bad uploads before anything is kept or counted.
             await run_in_threadpool(_decode, uploads, min(settings.max_pixels, m0.max_pixels), False)
         except UploadProblem as exc:
