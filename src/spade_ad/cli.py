@@ -695,9 +695,8 @@ def info(model_path: Path, as_json: bool, files: bool) -> None:
     th = cfg["thresholds"]
     click.echo(f"{model_path}: {cfg['backbone']}, k={cfg['k']}, levels {cfg['levels']}, sigma {cfg['sigma']}")
     click.echo(f"training images: {cfg['n_train']}")
-    click.echo(
-        "thresholds: " + ("none" if th is None else f"image {th['image']:.6g}, pixel {th['pixel']} ({th['source']})")
-    )
+    pixel = "none" if th is None or th["pixel"] is None else f"{th['pixel']:.6g}"
+    click.echo("thresholds: " + ("none" if th is None else f"image {th['image']:.6g}, pixel {pixel} ({th['source']})"))
     click.echo(f"version: {ver['version']}")
     click.echo(f"bank sha256: {ver['bank_sha256']}")
     click.echo("history:" if ver["history"] else "history: none recorded (written before versions existed)")
