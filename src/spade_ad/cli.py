@@ -800,6 +800,106 @@ def ablate(
         click.echo(f"tables written to {markdown_path}", err=True)
 
 
+def _edit_options(f: Callable) -> Callable:
+    """Where ``add`` / ``remove`` write the changed model, who asked, and optional re-calibration."""
+    opts = [
+        click.option("--out", "out", type=click.Path(path_type=Path), default=None, help="New model file to write."),
+        click.option("--in-place", is_flag=True, help="Replace MODEL itself (atomically: old or new, never a mix)."),
+        click.option("--overwrite", is_flag=True, help="Replace --out if it exists."),
+        click.option("--by", default=None, help="Who made the change, for the history (default: your user name)."),
+        click.option(
+            "--recalibrate",
+            "recalibrate",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Folder of held-out normal images (not in the bank): re-set the thresholds from them afterwards.",
+        ),
+        click.option("--weights", default=None, help="Backbone weights file, if not where it was at fit time."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _edit_model(model_path: Path, opts: dict[str, Any], change: Callable[[SPADE, str], Any], what: str) -> None:
+    """Load MODEL, apply ``change(model, by)``, optionally re-calibrate, write it to --out or in place."""
+    import getpass
+
+    out, in_place = opts["out"], opts["in_place"]
+    if (out is None) == (not in_place):
+        raise click.UsageError("give either --out NEW_MODEL or --in-place")
+    target = model_path if in_place else out
+    if not in_place:
+        check_can_write(out, opts["overwrite"])
+    by = opts["by"] or f"{getpass.getuser()} (cli)"
+    model = SPADE.load(model_path, weights=opts["weights"], progress=True)
+    before = model.version_info()["version"]
+    change(model, by)
+    if opts["recalibrate"] is not None:
+        model.recalibrate(expand_inputs([opts["recalibrate"]]), by=by)
+    model.save(target)
+    info = model.version_info()
+    click.echo(
+        f"{what}; version {before} -> {info['version']}, {len(model.train_paths_)} training images, "
+        f"bank sha256 {info['bank_sha256'][:16]}...; model written to {target}"
+    )
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_edit_options
+@_handle_errors
+def add(model_path: Path, images: tuple[Path, ...], **opts: Any) -> None:
+    """Add normal IMAGES (files and/or folders) to MODEL's bank, as if it had been fitted with them
+    last. Thresholds are kept unless --recalibrate is given."""
+    paths = expand_inputs(images)
+    _edit_model(model_path, opts, lambda m, by: m.add_normal(paths, by=by), f"added {len(paths)} image(s)")
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--index", "indices", type=int, multiple=True, required=True, help="Training image index (repeatable).")
+@_edit_options
+@_handle_errors
+def remove(model_path: Path, indices: tuple[int, ...], **opts: Any) -> None:
+    """Remove training images from MODEL's bank by index (see `spade-ad info`; later ones move down)."""
+    _edit_model(
+        model_path, opts, lambda m, by: m.remove_normal(list(indices), by=by), f"removed {len(indices)} image(s)"
+    )
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print configuration, version and history as JSON.")
+@click.option("--files", is_flag=True, help="Also list the training images with their indices.")
+@_handle_errors
+def info(model_path: Path, as_json: bool, files: bool) -> None:
+    """Show MODEL's settings, version, bank hash and change history (the file's checksum is verified)."""
+    import json
+
+    model = SPADE.load(model_path, mmap=True)
+    cfg, ver = model.get_config(), model.version_info()
+    if as_json:
+        click.echo(json.dumps({**cfg, **ver, **({"train_files": model.train_paths_} if files else {})}, indent=2))
+        return
+    th = cfg["thresholds"]
+    click.echo(f"{model_path}: {cfg['backbone']}, k={cfg['k']}, levels {cfg['levels']}, sigma {cfg['sigma']}")
+    click.echo(f"training images: {cfg['n_train']}")
+    pixel = "none" if th is None or th["pixel"] is None else f"{th['pixel']:.6g}"
+    click.echo("thresholds: " + ("none" if th is None else f"image {th['image']:.6g}, pixel {pixel} ({th['source']})"))
+    click.echo(f"version: {ver['version']}")
+    click.echo(f"bank sha256: {ver['bank_sha256']}")
+    click.echo("history:" if ver["history"] else "history: none recorded (written before versions existed)")
+    for h in ver["history"]:
+        counts = ", ".join(f"{k} {h[k]}" for k in ("n_added", "n_removed", "n_images") if k in h)
+        by = f" by {h['by']}" if "by" in h else ""
+        click.echo(f"  v{h['version']}  {h['time']}  {h['action']:<11} {counts}; {h['n_train']} images{by}")
+    if files:
+        for i, path in enumerate(model.train_paths_):
+            click.echo(f"{i:>6}  {path}")
+
+
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
 @click.option(
@@ -880,15 +980,58 @@ def ablate(
     default="info",
     show_default=True,
 )
+@click.option(
+    "--admin-token-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="File holding the admin token: enables POST /v1/normal and DELETE /v1/normal/{index}, which change "
+    "MODEL in place (needs --workers 1).",
+)
+@click.option(
+    "--audit-log",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Append-only JSON-lines log of operator changes and refused attempts (default: MODEL.audit.jsonl).",
+)
+@click.option(
+    "--normal-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where images added over HTTP are kept, named by sha256 (default: the folder MODEL.normal).",
+)
+@click.option(
+    "--admin-max-per-minute",
+    type=click.IntRange(min=1),
+    default=60,
+    show_default=True,
+    help="Most images added or removed per minute; beyond that 429 with Retry-After.",
+)
 @_handle_errors
 def serve(
-    model_path: Path, host: str, port: int, workers: int, weights: str | None, log_level: str, **settings: Any
+    model_path: Path,
+    host: str,
+    port: int,
+    workers: int,
+    weights: str | None,
+    log_level: str,
+    admin_token_file: Path | None,
+    audit_log: Path | None,
+    normal_dir: Path | None,
+    admin_max_per_minute: int,
+    **settings: Any,
 ) -> None:
     """Serve MODEL over HTTP: POST /v1/score, /v1/score/batch; GET /v1/model, /healthz, /readyz, and an
-    inspection page at / (see docs/service.md)."""
+    inspection page at / (see docs/service.md). With --admin-token-file, also the operator loop
+    (docs/operator-loop.md)."""
+    from .service.admin import Operator
     from .service.server import run
     from .service.settings import ServiceSettings
 
+    operator = None
+    if admin_token_file is not None:
+        operator = Operator.from_files(admin_token_file, model_path, audit_log, normal_dir, admin_max_per_minute)
+    elif audit_log is not None or normal_dir is not None:
+        raise click.UsageError("--audit-log and --normal-dir need --admin-token-file")
     run(
         model_path,
         ServiceSettings(**settings),
@@ -897,6 +1040,7 @@ def serve(
         workers=workers,
         weights=weights,
         log_level=log_level,
+        operator=operator,
     )
 
 

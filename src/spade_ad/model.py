@@ -6,10 +6,12 @@ Conventions follow scikit-learn: ``__init__`` only stores parameters, ``fit`` va
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .backbones import Backbone, backbone_info, build_backbone
-from .bank import FeatureBank, load_model_file, save_model_file
+from .bank import FeatureBank, Level, MappedLevel, content_sha256, load_model_file, save_model_file
 from .data import DEFAULT_MAX_PIXELS, GEOMETRIES, as_image_list, item_size, load_preprocessed, valid_region
 from .errors import ModelFileError, NotFittedError, SpadeError, WeightsError
 from .features import Features, Preprocessing, extract_features
@@ -35,6 +37,10 @@ from .thresholds import (
 
 IMAGE_SCORES = ("knn", "map_max", "knn*map_max")
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+#: Entries of the change history a model keeps (older ones are dropped; the audit log keeps everything).
+HISTORY_LENGTH = 50
+#: Image names listed per history entry (an add of hundreds of images records the first ones and the count).
+HISTORY_NAMES = 10
 
 
 class SpadeWarning(UserWarning):
@@ -296,6 +302,9 @@ class SPADE:
         self.image_k_ = min(self.image_k or self.k, n)
         self.weights_sha256_ = self._get_backbone().weights_sha256
         self.thresholds_: Thresholds | None = None
+        self.version_ = 0
+        self.history_: list[dict[str, Any]] = []
+        self._record("fit", n_added=n)
         return self
 
     def fit_features(self, bank: FeatureBank, weights_sha256: str) -> SPADE:
@@ -502,6 +511,120 @@ class SPADE:
         return out
 
     # ----------------------------------------------------------------------------------------
+    # the operator loop: grow or shrink the bank of a fitted model, versioned
+    # ----------------------------------------------------------------------------------------
+    def add_normal(self, images: Any, by: str | None = None) -> SPADE:
+        """Append normal images (folder, paths, arrays) to the bank; returns ``self``.
+
+        The result scores exactly as a model fitted from scratch on the old training images followed
+        by these, in that order. Thresholds are kept (see :meth:`recalibrate`). The old bank is never
+        modified: a new one replaces it, so ``copy.copy(model).add_normal(x)`` leaves ``model`` as it
+        was (the service swaps models this way). ``by`` names who asked, for the history.
+        """
+        self._check_fitted()
+        self._validate()
+        feats, names = self._extract(images, "add")
+        old, dtype = self.bank_, BANK_DTYPES[self.bank_dtype]
+        levels: list[Level] = [
+            torch.cat([lv.materialize() if isinstance(lv, MappedLevel) else lv, new.to(dtype)])
+            for lv, new in zip(old.levels, feats.levels, strict=True)
+        ]
+        bank = FeatureBank(torch.cat([old.global_, feats.global_]), levels, [*old.paths, *names])
+        self._set_bank(bank)
+        self._record("add", n_added=len(names), names=names, by=by)
+        return self
+
+    def remove_normal(self, indices: Sequence[int] | int, by: str | None = None) -> SPADE:
+        """Take training images out of the bank by index (as in ``train_paths_``); returns ``self``.
+
+        Later images move down, so indices refer to the new order afterwards. The result scores
+        exactly as a model fitted without those images. At least one image must stay.
+        """
+        self._check_fitted()
+        n = len(self.bank_)
+        idx = [indices] if isinstance(indices, (int, np.integer)) else list(indices)
+        bad = [i for i in idx if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < n]
+        if bad or not idx:
+            raise SpadeError(f"no training image {bad[0] if bad else '(none given)'}: the model has {n} (0..{n - 1})")
+        if len(set(idx)) != len(idx):
+            raise SpadeError(f"training image indices repeat: {sorted(idx)}")
+        if len(idx) >= n:
+            raise SpadeError(f"cannot remove all {n} training images: a model needs at least one")
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[torch.tensor(idx, dtype=torch.long)] = False
+        old = self.bank_
+        rows = torch.nonzero(keep).reshape(-1)
+        levels: list[Level] = [lv[rows] if isinstance(lv, MappedLevel) else lv[keep] for lv in old.levels]
+        if any(isinstance(lv, MappedLevel) for lv in old.levels):
+            # Mapped rows come back as float32; store them as the bank keeps them.
+            levels = [lv.to(BANK_DTYPES[self.bank_dtype]) for lv in levels if isinstance(lv, torch.Tensor)]
+        names = [old.paths[i] for i in sorted(idx)]
+        self._set_bank(
+            FeatureBank(old.global_[keep], levels, [p for p, k in zip(old.paths, keep.tolist(), strict=True) if k])
+        )
+        self._record("remove", n_removed=len(idx), names=names, by=by)
+        return self
+
+    def recalibrate(
+        self,
+        normal_images: Any,
+        image_quantile: float = DEFAULT_IMAGE_QUANTILE,
+        pixel_quantile: float = DEFAULT_PIXEL_QUANTILE,
+        by: str | None = None,
+    ) -> SPADE:
+        """Re-set the thresholds after the bank changed, from held-out normal images that are **not**
+        in the bank (as :meth:`calibrate`), and record it as a new version."""
+        self._check_fitted()
+        self.calibrate(normal_images, image_quantile, pixel_quantile)
+        self._record("recalibrate", n_images=len(as_image_list(normal_images)[1]), by=by)
+        return self
+
+    @property
+    def bank_sha256_(self) -> str:
+        """sha256 of the bank's features and training names (computed once per bank)."""
+        self._check_fitted()
+        cached = getattr(self, "_bank_sha", None)
+        if cached is None or cached[0] is not self.bank_:
+            tensors = {"global": self.bank_.global_, **{f"level{i}": lv for i, lv in enumerate(self.bank_.levels)}}
+            cached = (self.bank_, content_sha256(tensors, json.dumps(self.bank_.paths)))
+            self._bank_sha = cached
+        return cached[1]
+
+    def version_info(self) -> dict[str, Any]:
+        """``{"version", "bank_sha256", "history"}``: the change counter (0 for a model file written before
+        versions existed), the bank's content hash, and the latest changes, oldest first."""
+        self._check_fitted()
+        return {
+            "version": int(getattr(self, "version_", 0)),
+            "bank_sha256": self.bank_sha256_,
+            "history": list(getattr(self, "history_", [])),
+        }
+
+    def _set_bank(self, bank: FeatureBank) -> None:
+        self.bank_ = bank
+        self.k_ = min(self.k, len(bank))
+        self.image_k_ = min(self.image_k or self.k, len(bank))
+
+    def _record(self, action: str, names: Sequence[str] = (), by: str | None = None, **counts: int) -> None:
+        """Bump the version and append a history entry (a new list: copies made before keep theirs)."""
+        self.version_ = int(getattr(self, "version_", 0)) + 1
+        entry: dict[str, Any] = {
+            "version": self.version_,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "action": action,
+            **counts,
+            "n_train": len(self.bank_),
+            "bank_sha256": self.bank_sha256_,
+        }
+        if names:
+            entry["names"] = list(names[:HISTORY_NAMES]) + (
+                [f"... {len(names) - HISTORY_NAMES} more"] if len(names) > HISTORY_NAMES else []
+            )
+        if by is not None:
+            entry["by"] = by
+        self.history_ = [*getattr(self, "history_", []), entry][-HISTORY_LENGTH:]
+
+    # ----------------------------------------------------------------------------------------
     # persistence
     # ----------------------------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
@@ -540,7 +663,7 @@ class SPADE:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted model to one file (atomically); returns its path."""
         self._check_fitted()
-        return save_model_file(path, self.bank_, self.get_config())
+        return save_model_file(path, self.bank_, {**self.get_config(), **self.version_info()})
 
     @classmethod
     def load(
@@ -599,6 +722,13 @@ class SPADE:
         model.image_k_ = min(model.image_k or model.k, len(bank))
         model.weights_sha256_ = expected_sha
         model._backbone = None
+        # Files written before versions existed are version 0 with no history.
+        version, history, sha = cfg.get("version", 0), cfg.get("history", []), cfg.get("bank_sha256")
+        if not isinstance(version, int) or version < 0 or not isinstance(history, list):
+            raise ModelFileError(f"{path}: invalid version {version!r} or history")
+        model.version_, model.history_ = version, history
+        if isinstance(sha, str):
+            model._bank_sha = (bank, sha)  # the file checksum just verified the bank it describes
         th = cfg.get("thresholds")
         try:
             model.thresholds_ = None if th is None else Thresholds.from_dict(th)

@@ -8,14 +8,16 @@ when scoring can start; one :class:`~spade_ad.service.batcher.MicroBatcher` work
 from __future__ import annotations
 
 import asyncio
+import copy
+import io
 import logging
 import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import lru_cache, partial
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,8 +30,9 @@ from .. import __version__
 from ..data import read_image_bytes
 from ..errors import ImageError, ImageTooLargeError, SpadeError
 from ..model import SPADE
+from .admin import AuthProblem, Operator
 from .batcher import BatcherClosed, MicroBatcher, QueueFull
-from .schemas import BatchResult, ModelInfo, Neighbour, Problem, ScoreResult, Stats, Status
+from .schemas import BatchResult, ModelInfo, Neighbour, NormalChange, Problem, ScoreResult, Stats, Status
 from .scoring import Job, Scored, render_correspondence, render_pictures, score_jobs, train_image_png
 from .settings import ACCEPTED_CONTENT_TYPES, ACCEPTED_FORMATS, ServiceSettings
 from .uploads import MULTIPART_OVERHEAD, Upload, UploadProblem, read_body, uploads_from_body
@@ -46,6 +49,20 @@ PAGE_CSP = (
 )
 
 
+Pinned = tuple[SPADE, Job]
+
+
+def score_pinned(items: list[Pinned]) -> list[Scored]:
+    """Score a micro-batch, each job with the model its request was admitted under: a request is scored
+    entirely by one version even when the operator swaps in a new one meanwhile."""
+    out: list[Scored | None] = [None] * len(items)
+    for model in {id(m): m for m, _ in items}.values():
+        idx = [i for i, (m, _) in enumerate(items) if m is model]
+        for i, scored in zip(idx, score_jobs(model, [items[i][1] for i in idx]), strict=True):
+            out[i] = scored
+    return out  # type: ignore[return-value]
+
+
 class _Service:
     """The model, its batcher and readiness, shared by every request of one process."""
 
@@ -53,7 +70,7 @@ class _Service:
         self.source = source
         self.settings = settings
         self.model: SPADE | None = None
-        self.batcher: MicroBatcher[Job, Scored] | None = None
+        self.batcher: MicroBatcher[Pinned, Scored] | None = None
         self.error: str | None = None
         self.ready = threading.Event()
 
@@ -72,7 +89,7 @@ class _Service:
                 render_pictures(model, warm, score_jobs(model, [warm])[0])
             self.model = model
             self.batcher = MicroBatcher(
-                partial(score_jobs, model),
+                score_pinned,
                 max_batch=self.settings.max_batch,
                 wait_s=self.settings.batch_wait_ms / 1000.0,
                 capacity=self.settings.queue_size,
@@ -87,7 +104,7 @@ class _Service:
         if self.batcher is not None:
             self.batcher.close()
 
-    def require(self) -> tuple[SPADE, MicroBatcher[Job, Scored]]:
+    def require(self) -> tuple[SPADE, MicroBatcher[Pinned, Scored]]:
         if not self.ready.is_set() or self.model is None or self.batcher is None:
             detail = f"model failed to load: {self.error}" if self.error else "model is still loading"
             raise HTTPException(503, detail, headers={"Retry-After": "5"})
@@ -109,6 +126,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _IMAGE_BODY = {"schema": {"type": "string", "format": "binary"}}
 
 
+def _format(data: bytes) -> str | None:
+    """Pillow's name for an already validated upload's format (header only, nothing decoded)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.format
+
+
 def _request_body(field: str, many: bool) -> dict[str, Any]:
     file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
     if many:
@@ -122,9 +147,16 @@ def _request_body(field: str, many: bool) -> dict[str, Any]:
 
 
 def create_app(
-    model: ModelSource, settings: ServiceSettings | None = None, load_before_serving: bool = False
+    model: ModelSource,
+    settings: ServiceSettings | None = None,
+    load_before_serving: bool = False,
+    operator: Operator | None = None,
 ) -> FastAPI:
     """The scoring service around ``model``: a fitted :class:`SPADE`, or a function returning one.
+
+    ``operator``: switches on ``POST /v1/normal`` and ``DELETE /v1/normal/{index}`` (admin token, rate
+    limit, audit log; each change is saved to ``operator.model_path`` before it is acknowledged).
+    Without it they answer 403.
 
     Loading and warm-up run in a background thread, so the server answers /healthz (and /readyz with
     503) meanwhile. ``load_before_serving``: finish them before the server accepts connections instead;
@@ -204,6 +236,11 @@ def create_app(
             thresholds=cfg["thresholds"],
             n_train=cfg["n_train"],
             package_version=cfg["package_version"],
+            **m.version_info(),
+            operator={
+                "enabled": operator is not None,
+                "max_changes_per_minute": None if operator is None else operator.rate.per_minute,
+            },
             service={
                 "max_upload_bytes": settings.max_upload_bytes,
                 "max_pixels": min(settings.max_pixels, m.max_pixels),
@@ -236,9 +273,16 @@ def create_app(
             pid=os.getpid(),
         )
 
-    @lru_cache(maxsize=128)
-    def _train_png(index: int) -> bytes:
-        return train_image_png(svc.model, index)  # type: ignore[arg-type]
+    # Keyed by (model version, index): a removal renumbers the training images. Cleared on each swap.
+    train_pngs: dict[tuple[int, int], bytes] = {}
+
+    def _train_png(m: SPADE, index: int) -> bytes:
+        key = (m.version_, index)
+        if key not in train_pngs:
+            if len(train_pngs) >= 128:
+                train_pngs.clear()
+            train_pngs[key] = train_image_png(m, index)
+        return train_pngs[key]
 
     @app.get(
         "/v1/train/{index}.png",
@@ -252,7 +296,7 @@ def create_app(
         if not 0 <= index < n:
             raise HTTPException(404, f"no training image {index}: the model has {n} (0..{n - 1})")
         try:
-            png = await run_in_threadpool(_train_png, index)
+            png = await run_in_threadpool(_train_png, m, index)
         except SpadeError:
             raise HTTPException(404, f"training image {index} is not readable on this server") from None
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
@@ -295,6 +339,7 @@ def create_app(
             map_max=scored.map_max,
             neighbours=neighbours,
             seconds=0.0,
+            model_version=m.version_,
         )
         if want_map:
             pics = render_pictures(m, job, scored)
@@ -309,6 +354,22 @@ def create_app(
         res.seconds = time.perf_counter() - t0
         return res
 
+    async def _read_uploads(request: Request, field: str, limit_files: int) -> list[Upload]:
+        """The request's images, still encoded (body size, content type and multipart checks)."""
+        body = await read_body(
+            request.stream(),
+            request.headers.get("content-length"),
+            limit_files * settings.max_upload_bytes + MULTIPART_OVERHEAD,
+        )
+        return uploads_from_body(
+            request.headers.get("content-type"),
+            body,
+            request.headers.get("x-filename"),
+            settings.batch_request_limit,
+            settings.max_upload_bytes,
+            field,
+        )
+
     async def _score(
         request: Request, many: bool, want_map: bool, explain: bool, n_neighbours: int
     ) -> list[ScoreResult]:
@@ -322,20 +383,7 @@ def create_app(
             raise HTTPException(503, f"{exc}; retry shortly", headers={"Retry-After": "1"}) from None
         try:
             async with asyncio.timeout(settings.request_timeout_s):
-                body = await read_body(
-                    request.stream(),
-                    request.headers.get("content-length"),
-                    limit_files * settings.max_upload_bytes + MULTIPART_OVERHEAD,
-                )
-                uploads = uploads_from_body(
-                    request.headers.get("content-type"),
-                    body,
-                    request.headers.get("x-filename"),
-                    settings.batch_request_limit,
-                    settings.max_upload_bytes,
-                    "files" if many else "file",
-                )
-                del body
+                uploads = await _read_uploads(request, "files" if many else "file", limit_files)
                 if not many and len(uploads) > 1:
                     raise UploadProblem(
                         422, f"{len(uploads)} images sent to /v1/score; send one, or use /v1/score/batch"
@@ -343,7 +391,7 @@ def create_app(
                 admission.grow(len(uploads) - 1)
                 jobs = await run_in_threadpool(_decode, uploads, min(settings.max_pixels, m.max_pixels), explain)
                 del uploads
-                futures = batcher.submit(jobs)
+                futures = batcher.submit([(m, j) for j in jobs])
                 try:
                     scored = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
                 except SpadeError as exc:
@@ -418,6 +466,147 @@ def create_app(
         t0 = time.perf_counter()
         results = await _score(request, True, want_map, explain, neighbours)
         return BatchResult(results=results, seconds=time.perf_counter() - t0)
+
+    # -- the operator loop: add / remove normal images ------------------------------------------
+    # One change at a time; scoring goes on with the model it pinned while a change is prepared.
+    change_lock = asyncio.Lock()
+    admin_errors: dict[int | str, dict[str, Any]] = {
+        401: {"model": Problem, "description": "No admin token sent (Authorization: Bearer <token>)."},
+        403: {"model": Problem, "description": "Wrong admin token, or the operator endpoints are disabled."},
+        429: {"model": Problem, "description": "Too many changes this minute; retry after Retry-After seconds."},
+    }
+
+    def _client(request: Request) -> str:
+        return request.client.host if request.client else "unknown"
+
+    async def _authorize(request: Request) -> Operator:
+        """The operator settings if the request carries the admin token; otherwise 401/403 (audited)."""
+        if operator is None:
+            raise HTTPException(
+                403, "the operator endpoints are disabled on this server (start it with --admin-token-file)"
+            )
+        try:
+            operator.authorize(request.headers.get("authorization"))
+        except AuthProblem as exc:
+            # What was sent is never logged or echoed, not even in part.
+            # The fsync'd audit line is written off the event loop, so refusals do not stall scoring.
+            record = {"client": _client(request), "action": "denied", "status": exc.status, "path": request.url.path}
+            await run_in_threadpool(operator.audit_log.append, record)
+            log.warning("operator request refused (%d) from %s", exc.status, _client(request))
+            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+            raise HTTPException(exc.status, exc.message, headers=headers) from None
+        return operator
+
+    def _rate(op: Operator, n: int) -> None:
+        wait = op.rate.take(n)
+        if wait:
+            raise HTTPException(
+                429,
+                f"more than {op.rate.per_minute} changes in a minute; retry in {wait:.0f} s",
+                headers={"Retry-After": str(int(wait + 0.999))},
+            )
+
+    def _commit(op: Operator, new: SPADE, request: Request, action: str, images: list[dict[str, Any]]) -> None:
+        """Persist ``new`` (atomic rename), write the audit line, then make it the live model."""
+        try:
+            new.save(op.model_path)
+        except (OSError, SpadeError) as exc:
+            log.error("could not save the new model version: %s", exc)
+            raise HTTPException(
+                500, f"could not save the new model version ({exc}); the live model is unchanged"
+            ) from None
+        info = new.version_info()
+        op.audit_log.append(
+            {
+                "client": _client(request),
+                "action": action,
+                "images": images,
+                "version": info["version"],
+                "bank_sha256": info["bank_sha256"],
+                "n_train": len(new.train_paths_),
+            }
+        )
+        svc.model = new  # one reference swap: a request sees the old model or the new one, never a mix
+        train_pngs.clear()
+
+    def _change_answer(m: SPADE, action: str, images: list[dict[str, Any]]) -> NormalChange:
+        info = m.version_info()
+        return NormalChange(
+            action=action,
+            version=info["version"],
+            bank_sha256=info["bank_sha256"],
+            n_train=len(m.train_paths_),
+            images=images,
+        )
+
+    @app.post(
+        "/v1/normal",
+        response_model=NormalChange,
+        summary="Add normal images to the live model (admin token)",
+        description="Send one or several images as multipart/form-data (field `file`, repeatable) or one as "
+        "the raw body. They join the bank as if the model had been fitted with them last; the new version is "
+        "saved to the model file before the answer. Needs `Authorization: Bearer <admin token>`.",
+        responses={**_ERRORS, **admin_errors},
+        openapi_extra=_request_body("file", many=False),
+        include_in_schema=operator is not None,
+    )
+    async def add_normal(request: Request) -> Any:
+        op = await _authorize(request)
+        m0, _ = svc.require()
+        try:
+            uploads = await _read_uploads(request, "file", settings.batch_request_limit)
+            # Decoded here only to refuse bad uploads before anything is kept or counted.
+            await run_in_threadpool(_decode, uploads, min(settings.max_pixels, m0.max_pixels), False)
+        except UploadProblem as exc:
+            raise HTTPException(exc.status, exc.message) from None
+        _rate(op, len(uploads))
+        client = _client(request)
+
+        def change() -> NormalChange:
+            m, _ = svc.require()
+            kept = [op.keep_upload(up.data, _format(up.data)) for up in uploads]
+            images = [
+                {"name": up.name, "sha256": k.stem, "index": len(m.train_paths_) + i, "path": str(k)}
+                for i, (up, k) in enumerate(zip(uploads, kept, strict=True))
+            ]
+            # Copy-on-write: add_normal builds a new bank; the live model is untouched until the swap.
+            new = copy.copy(m).add_normal([str(k) for k in kept], by=f"service admin at {client}")
+            _commit(op, new, request, "add", images)
+            return _change_answer(new, "add", images)
+
+        async with change_lock:
+            return await run_in_threadpool(change)
+
+    @app.delete(
+        "/v1/normal/{index}",
+        response_model=NormalChange,
+        summary="Remove one training image from the live model (admin token)",
+        description="Later training images move down by one. The new version is saved to the model file "
+        "before the answer. Needs `Authorization: Bearer <admin token>`.",
+        responses={404: {"model": Problem}, 422: _ERRORS[422], 503: _ERRORS[503], **admin_errors},
+        include_in_schema=operator is not None,
+    )
+    async def remove_normal(index: int, request: Request) -> Any:
+        op = await _authorize(request)
+        svc.require()
+        client = _client(request)
+
+        def change() -> NormalChange:
+            m, _ = svc.require()
+            n = len(m.train_paths_)
+            if not 0 <= index < n:
+                raise HTTPException(404, f"no training image {index}: the model has {n} (0..{n - 1})")
+            if n == 1:
+                raise HTTPException(422, "the model's last training image cannot be removed")
+            path = m.train_paths_[index]
+            images = [{"name": Path(path).name, "index": index, "path": path}]
+            new = copy.copy(m).remove_normal([index], by=f"service admin at {client}")
+            _commit(op, new, request, "remove", images)
+            return _change_answer(new, "remove", images)
+
+        async with change_lock:
+            _rate(op, 1)
+            return await run_in_threadpool(change)
 
     # -- the inspection page --------------------------------------------------------------------
     page = resources.files("spade_ad.service").joinpath("static/index.html").read_text(encoding="utf-8")

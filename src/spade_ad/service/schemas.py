@@ -52,6 +52,7 @@ class ScoreResult(BaseModel):
         None, description="explain=true: the image rebuilt from the normal patches its pixels matched (base64 PNG)."
     )
     seconds: float = Field(description="Time the server spent on the request (reading, queueing, scoring).")
+    model_version: int = Field(0, description="Version of the model that computed this answer (GET /v1/model).")
 
 
 class BatchResult(BaseModel):
@@ -78,6 +79,23 @@ class ModelInfo(BaseModel):
     n_train: int
     package_version: str
     service: dict[str, Any]
+    version: int = Field(description="Changes since fit (0: a model file written before versions existed).")
+    bank_sha256: str = Field(description="sha256 of the bank's features and training names.")
+    history: list[dict[str, Any]] = Field(description="The latest changes, oldest first.")
+    operator: dict[str, Any] = Field(description="Whether POST/DELETE /v1/normal are enabled, and their rate limit.")
+
+
+class NormalChange(BaseModel):
+    """The answer to an operator change: the new version, saved before this answer was sent."""
+
+    action: str = Field(description="'add' or 'remove'.")
+    version: int
+    bank_sha256: str
+    n_train: int
+    images: list[dict[str, Any]] = Field(
+        description="Per image: name (the upload's), sha256 of its bytes (adds), index in the training set, "
+        "and the server-side file it is kept in."
+    )
 
 
 class Stats(BaseModel):

@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import SpadeError
 from ..model import SPADE
+from .admin import Operator
 from .settings import ServiceSettings
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ def run(
     weights: str | None = None,
     log_level: str = "info",
     access_log: bool = True,
+    operator: Operator | None = None,
 ) -> None:
     """Serve ``model_path`` until interrupted.
 
@@ -51,6 +54,14 @@ def run(
 
     from .app import create_app
 
+    if operator is not None and workers > 1:
+        # Each worker process holds its own copy of the model, and an add acknowledged by one would not
+        # be seen by the others (nor could they all be made to see it before the answer): refuse.
+        raise SpadeError(
+            f"--admin-token-file needs --workers 1: with {workers} worker processes each holds its own copy of "
+            "the model, so an added image could not be in every worker before the add is acknowledged. "
+            "Run the operator loop on a one-worker server"
+        )
     model = SPADE.load(model_path, weights=weights)
     # uvicorn answers 503 itself beyond this many concurrent connections+tasks: a backstop in front of
     # the image queue for clients that open connections without sending anything.
@@ -66,7 +77,7 @@ def run(
         timeout_keep_alive=5,
     )
     if workers == 1:
-        serve(create_app(model, settings))
+        serve(create_app(model, settings, operator=operator))
         return
     del model
     os.environ[ENV_MODEL] = str(Path(model_path).resolve())
