@@ -24,7 +24,7 @@ from .data import DEFAULT_MAX_PIXELS, GEOMETRIES, as_image_list, item_size, load
 from .errors import ModelFileError, NotFittedError, SpadeError, WeightsError
 from .features import Features, Preprocessing, extract_features
 from .maps import combine_levels, smooth
-from .search import PRECISIONS, knn_images, nearest_distances, nearest_neighbors, window_distances
+from .search import PRECISIONS, knn_images, nearest_distances, nearest_neighbors, window_search
 from .thresholds import (
     DEFAULT_IMAGE_QUANTILE,
     DEFAULT_PIXEL_QUANTILE,
@@ -411,7 +411,7 @@ class SPADE:
             h, w, c = test_lv.shape
             gallery = self.bank_.gallery(level_index[i] if level_index else i, neighbors)
             if self.window is not None:
-                d, idx = window_distances(test_lv, gallery, self.window)
+                d, idx = window_search(test_lv, gallery, self.window)
             elif with_source or self.kappa == 1:
                 d, idx = nearest_neighbors(test_lv.reshape(-1, c), gallery.reshape(-1, c), self.precision)
             else:
