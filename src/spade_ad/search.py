@@ -324,3 +324,40 @@ def window_search(test: torch.Tensor, gallery: torch.Tensor, radius: int) -> tup
     more arithmetic but at BLAS speed (``benchmarks/bench_throughput.py --window-kernels``).
     """
     return (window_nearest if radius <= 1 else window_distances)(test, gallery, radius)
+
+
+def nearest_neighbors_dense(
+    queries: torch.Tensor, gallery: torch.Tensor, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nearest_neighbors` for any device (a GPU): chunks of queries against the whole gallery.
+
+    Each chunk's squared distances come from one float32 product of centred features (a GPU has the
+    memory for chunk x G at once); the winner's distance is recomputed in float64 as on the CPU. The
+    choice can differ from the CPU search only between neighbours tied to within float32 rounding.
+    """
+    _check(queries, gallery)
+    q, g = queries.to(torch.float32), gallery.to(torch.float32)
+    mu = g.mean(dim=0)
+    qc, gc = q - mu, g - mu
+    g_sq = (gc * gc).sum(1)
+    idx = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
+    for i in range(0, q.shape[0], chunk):
+        # |q|^2 is the same for every gallery row of a query: the argmin does not need it.
+        idx[i : i + chunk] = torch.addmm(g_sq[None, :], qc[i : i + chunk], gc.T, alpha=-2.0).argmin(dim=1)
+    diff = q.to(torch.float64) - g[idx].to(torch.float64)
+    return (diff * diff).sum(1).sqrt_().to(torch.float32), idx
+
+
+def device_search(test: torch.Tensor, gallery: torch.Tensor, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One level's pixel search on ``gallery``'s device; (h, w) distances and flat indices, on the CPU.
+
+    ``test`` (h, w, C) (moved to the gallery's device), ``gallery`` (K, h, w, C). ``window``: None for the
+    full search (:func:`nearest_neighbors_dense`), else the radius (:func:`window_nearest`).
+    """
+    h, w, c = test.shape
+    t = test.to(gallery.device)
+    if window is not None:
+        d, idx = window_nearest(t, gallery, window)
+    else:
+        d, idx = nearest_neighbors_dense(t.reshape(-1, c), gallery.reshape(-1, c))
+    return d.reshape(h, w).cpu(), idx.reshape(h, w).cpu()
