@@ -3,11 +3,36 @@ thread policy and the ``fast`` preset."""
 
 from __future__ import annotations
 
+import csv
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
+from conftest import DATASETS
+from PIL import Image
 
-from spade_ad.search import window_distances, window_nearest, window_search
+from spade_ad import SPADE, SpadeError, WeightsError
+from spade_ad.cli import main
+from spade_ad.runtimes import RuntimeBackbone, resolve_device
+from spade_ad.search import (
+    device_search,
+    nearest_neighbors,
+    nearest_neighbors_dense,
+    window_distances,
+    window_nearest,
+    window_search,
+)
+
+SMALL = {"image_size": 48, "crop_size": 48, "k": 3}
+
+
+def make_image_array() -> np.ndarray:
+    from conftest import make_image
+
+    return make_image(np.random.default_rng(1))
 
 
 def _window_brute(t: np.ndarray, g: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,3 +88,151 @@ def test_window_kernel_ties_go_to_the_first_image_and_position():
         window_nearest(torch.zeros(4, 4, 2), g, -1)
     with pytest.raises(ValueError, match="does not match"):
         window_nearest(torch.zeros(4, 5, 2), g, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# backbone runtimes and export
+# --------------------------------------------------------------------------------------------
+def _real_images(n: int) -> list[Path]:
+    folder = DATASETS / "mvtec_ad" / "transistor" / "test"
+    if not folder.is_dir():
+        pytest.fail(f"real dataset missing at {folder} (see ../shared/datasets/README.md)")
+    # Normal and defective parts alike.
+    return sorted(folder.glob("*/*.png"))[:: max(1, 100 // n)][:n]
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_runtime_features_equal_torch_on_real_images(runtime):
+    images = _real_images(3)
+    g_ref, lv_ref = SPADE().extract(images)
+    model = SPADE(runtime=runtime)
+    g, lv = model.extract(images)
+    assert isinstance(model._get_backbone(), RuntimeBackbone)  # really not torch
+    assert g.shape == g_ref.shape and [x.shape for x in lv] == [x.shape for x in lv_ref]
+    for got, ref in zip([g, *lv], [g_ref, *lv_ref]):
+        assert _max_rel(got, ref) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[SPADE, Path, Path]:
+    from conftest import make_image
+
+    root = tmp_path_factory.mktemp("runtimes")
+    rng = np.random.default_rng(0)
+    for d in ("train", "test"):
+        (root / d).mkdir()
+    for i in range(6):
+        Image.fromarray(make_image(rng)).save(root / "train" / f"n{i}.png")
+    for i in range(2):
+        Image.fromarray(make_image(rng, defect=True)).save(root / "test" / f"bad{i}.png")
+    model = SPADE(**SMALL).fit(root / "train")
+    return model, model.save(root / "model.safetensors"), root / "test"
+
+
+@pytest.mark.parametrize("fmt,runtime", [("onnx", "onnxruntime"), ("onnx", "openvino"), ("openvino", "openvino")])
+def test_exported_backbone_scores_like_torch(small_model, tmp_path, fmt, runtime):
+    model, path, test = small_model
+    out = model.export(tmp_path / "exp", fmt)
+    assert json.loads((out / "spade_export.json").read_text())["format"] == fmt
+    ref = model.predict(test)
+    got = SPADE.load(path, runtime=runtime, export_dir=out).predict(test)
+    np.testing.assert_allclose(got.image_scores, ref.image_scores, rtol=1e-4)
+    np.testing.assert_allclose(got.anomaly_maps, ref.anomaly_maps, rtol=1e-4, atol=1e-4 * ref.anomaly_maps.max())
+
+
+def test_a_model_fitted_with_one_runtime_scores_with_another(small_model, tmp_path):
+    model, _, test = small_model
+    ov = SPADE(**SMALL, runtime="openvino").fit(test.parent / "train")
+    assert ov.weights_sha256_ == model.weights_sha256_
+    loaded = SPADE.load(ov.save(tmp_path / "ov.safetensors"))
+    assert loaded.runtime == "openvino"  # saved as the default ...
+    torch_run = SPADE.load(tmp_path / "ov.safetensors", runtime="torch")  # ... but any runtime scores it
+    np.testing.assert_allclose(loaded.predict(test).image_scores, torch_run.predict(test).image_scores, rtol=1e-4)
+    np.testing.assert_allclose(torch_run.predict(test).image_scores, model.predict(test).image_scores, rtol=1e-4)
+
+
+def test_mismatched_or_changed_exports_are_refused(small_model, tmp_path):
+    model, path, _ = small_model
+    out = model.export(tmp_path / "exp", "onnx")
+    test = [make_image_array()]
+    checks = [
+        (SPADE.load(path, runtime="onnxruntime", export_dir=tmp_path), "not a spade-ad backbone export"),
+        (SPADE(**{**SMALL, "crop_size": 40}, runtime="onnxruntime", export_dir=out), "40 px"),
+        (SPADE(**SMALL, backbone="resnet18", runtime="onnxruntime", export_dir=out), "resnet18"),
+        (SPADE(**SMALL, runtime="torch", export_dir=out), "not 'torch'"),
+    ]
+    for m, message in checks:
+        with pytest.raises(SpadeError, match=message):
+            m.extract(test)
+    # Other weights: the export's weights hash is checked like the torch backbone's.
+    other = SPADE(**SMALL, weights="random").fit([make_image_array()] * 3)
+    with pytest.raises(WeightsError, match="differ"):
+        SPADE.load(other.save(tmp_path / "r.safetensors"), runtime="onnxruntime", export_dir=out).predict(test)
+    # Levels the export does not compute.
+    part = SPADE(**SMALL, levels=(2, 3)).fit([make_image_array()] * 3)
+    few = part.export(tmp_path / "few", "openvino")
+    with pytest.raises(SpadeError, match=r"not the model's level\(s\) \[1\]"):
+        SPADE(**SMALL, runtime="openvino", export_dir=few).extract(test)
+    with pytest.raises(SpadeError, match="not 'onnxruntime'"):
+        SPADE(**SMALL, levels=(2, 3), runtime="onnxruntime", export_dir=few).extract(test)
+    # A file changed after export.
+    with open(out / "backbone.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(SpadeError, match="changed since it was exported"):
+        SPADE.load(path, runtime="onnxruntime", export_dir=out).extract(test)
+
+
+def test_cli_export_then_predict_with_openvino(small_model, tmp_path):
+    model, path, test = small_model
+    runner = CliRunner()
+    r = runner.invoke(main, ["export", str(path), "--format", "openvino", "--out", str(tmp_path / "ir")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "ir" / "backbone.xml").is_file() and (tmp_path / "ir" / "backbone.bin").is_file()
+    r = runner.invoke(main, ["export", str(path), "--format", "onnx", "--out", str(tmp_path / "ir")])
+    assert r.exit_code == 2 and "exists" in r.output  # never overwritten unasked
+    args = ["predict", str(path), str(test), "--out", str(tmp_path / "o"), "--no-overlays"]
+    r = runner.invoke(main, [*args, "--runtime", "openvino", "--export-dir", str(tmp_path / "ir")])
+    assert r.exit_code == 0, r.output
+    rows = {row["path"]: float(row["image_score"]) for row in csv.DictReader((tmp_path / "o" / "scores.csv").open())}
+    ref = model.predict(sorted(test.iterdir()))
+    np.testing.assert_allclose([rows[n] for n in ref.names], ref.image_scores, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# device plumbing (CPU-only here: no GPU in the test machine)
+# --------------------------------------------------------------------------------------------
+def test_device_cpu_and_auto_without_gpu_and_cuda_is_a_clear_error(small_model, monkeypatch):
+    model, path, test = small_model
+    ref = model.predict(test)
+    np.testing.assert_array_equal(SPADE.load(path, device="cpu").predict(test).anomaly_maps, ref.anomaly_maps)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    assert resolve_device("auto") == torch.device("cpu")
+    np.testing.assert_array_equal(SPADE.load(path, device="auto").predict(test).anomaly_maps, ref.anomaly_maps)
+    with pytest.raises(SpadeError, match="no CUDA GPU"):
+        SPADE.load(path, device="cuda").predict(test)
+    with pytest.raises(SpadeError, match="device must be one of"):
+        SPADE(**SMALL, device="tpu").fit(test)
+    r = CliRunner().invoke(main, ["predict", str(path), str(test), "--out", "unused", "--device", "cuda"])
+    assert r.exit_code == 2 and "no CUDA GPU" in r.output
+
+
+@pytest.mark.parametrize("window", [None, 1, 2])
+def test_the_device_search_equals_the_cpu_search(window):
+    # The code the GPU runs, run here on CPU tensors: same indices and distances as the CPU search.
+    rng = np.random.default_rng(4)
+    base = rng.gamma(2.0, size=(14, 14, 40)).astype(np.float32)
+    g = torch.from_numpy(base + rng.normal(scale=0.5, size=(6, 14, 14, 40)).astype(np.float32))
+    t = torch.from_numpy(base + rng.normal(scale=0.5, size=(14, 14, 40)).astype(np.float32))
+    d, idx = device_search(t, g, window)
+    if window is None:
+        d_ref, i_ref = nearest_neighbors(t.reshape(-1, 40), g.reshape(-1, 40))
+    else:
+        d_ref, i_ref = window_distances(t, g, window)
+    np.testing.assert_array_equal(idx.numpy().ravel(), i_ref.numpy().ravel())
+    np.testing.assert_allclose(d.numpy().ravel(), d_ref.numpy().ravel(), rtol=1e-6)
+    if window is None:  # queries in chunks that do not divide their number: the same answer
+        assert torch.equal(nearest_neighbors_dense(t.reshape(-1, 40), g.reshape(-1, 40), chunk=17)[1], idx.ravel())
