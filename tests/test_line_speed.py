@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from conftest import DATASETS
 from PIL import Image
+from test_service import model_file  # noqa: F401 - the service tests' model, as a fixture here
 
 from spade_ad import SPADE, SpadeError, WeightsError
 from spade_ad.cli import main
@@ -236,3 +237,33 @@ def test_the_device_search_equals_the_cpu_search(window):
     np.testing.assert_allclose(d.numpy().ravel(), d_ref.numpy().ravel(), rtol=1e-6)
     if window is None:  # queries in chunks that do not divide their number: the same answer
         assert torch.equal(nearest_neighbors_dense(t.reshape(-1, 40), g.reshape(-1, 40), chunk=17)[1], idx.ravel())
+
+
+# --------------------------------------------------------------------------------------------
+# the service with --runtime openvino (helpers and the model fixture of tests/test_service.py)
+# --------------------------------------------------------------------------------------------
+def test_service_runs_with_openvino(model_file, tmp_path):  # noqa: F811 - the imported fixture
+    from test_service import TEST_IMAGES, _rel, _score, _serve_process
+
+    with _serve_process(model_file, tmp_path, "--runtime", "openvino") as server:
+        assert server.get("/readyz").json()["status"] == "ready"
+        assert server.get("/v1/model").json()["runtime"] == "openvino"  # not the file's default (torch)
+        ov = SPADE.load(model_file, runtime="openvino")
+        torch.set_num_threads(1)  # as the server (--torch-threads 1): same OpenVINO thread count, same sums
+        want_ov, want_torch = (
+            ov.predict([str(p) for p in TEST_IMAGES]),
+            SPADE.load(model_file).predict([str(p) for p in TEST_IMAGES]),
+        )
+        singles = []
+        for i, path in enumerate(TEST_IMAGES):
+            res = _score(server, path, "?map=true")
+            singles.append(res["image_score"])
+            assert _rel(res["image_score"], float(want_ov.image_scores[i])) <= 1e-6
+            assert _rel(res["image_score"], float(want_torch.image_scores[i])) <= 1e-4
+            assert [n["index"] for n in res["neighbours"]] == want_torch.neighbors[i][:5].tolist()
+            assert abs(res["map_max"] - float(want_torch.anomaly_maps[i].max())) <= 1e-4 * res["map_max"]
+        files = [("files", (p.name, p.read_bytes(), "image/png")) for p in TEST_IMAGES]
+        batch = server.post("/v1/score/batch", files=files)
+        assert batch.status_code == 200, batch.text
+        got = [r["image_score"] for r in batch.json()["results"]]
+        np.testing.assert_allclose(got, singles, rtol=1e-6)

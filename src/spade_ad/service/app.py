@@ -204,6 +204,7 @@ def create_app(
             thresholds=cfg["thresholds"],
             n_train=cfg["n_train"],
             package_version=cfg["package_version"],
+            runtime=m.runtime,
             service={
                 "max_upload_bytes": settings.max_upload_bytes,
                 "max_pixels": min(settings.max_pixels, m.max_pixels),

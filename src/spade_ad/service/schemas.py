@@ -77,6 +77,7 @@ class ModelInfo(BaseModel):
     thresholds: dict[str, Any] | None
     n_train: int
     package_version: str
+    runtime: str = "torch"  # where the backbone runs in this server (torch, onnxruntime, openvino)
     service: dict[str, Any]
 
 
