@@ -267,3 +267,27 @@ def test_service_runs_with_openvino(model_file, tmp_path):  # noqa: F811 - the i
         assert batch.status_code == 200, batch.text
         got = [r["image_score"] for r in batch.json()["results"]]
         np.testing.assert_allclose(got, singles, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# thread policy
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "env,want",
+    [
+        ({}, "1000"),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, None),
+        ({"SPADE_AD_THREAD_POLICY": "off"}, None),
+    ],
+)
+def test_thread_policy_is_set_before_torch_loads_unless_the_user_chose(env, want):
+    import os
+    import subprocess
+    import sys
+
+    clean = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "SPADE_AD_THREAD_POLICY")
+    }
+    code = "import os, sys; import spade_ad; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(want), "True"]

@@ -2,6 +2,11 @@
 
 __version__ = "0.1.0"
 
+from ._threads import apply_thread_policy
+
+# Before anything imports torch: how OpenMP threads wait decides how well we share the CPU (see _threads).
+apply_thread_policy()
+
 from .errors import (
     DatasetError,
     FeatureError,
