@@ -12,8 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import DATASETS
-from PIL import Image
 from test_service import model_file  # noqa: F401 - the service tests' model, as a fixture here
+from test_speed import fitted  # noqa: F401 - a small fitted model on synthetic images, as a fixture here
 
 from spade_ad import SPADE, SpadeError, WeightsError
 from spade_ad.cli import main
@@ -118,25 +118,9 @@ def test_runtime_features_equal_torch_on_real_images(runtime):
         assert _max_rel(got, ref) <= 1e-4
 
 
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[SPADE, Path, Path]:
-    from conftest import make_image
-
-    root = tmp_path_factory.mktemp("runtimes")
-    rng = np.random.default_rng(0)
-    for d in ("train", "test"):
-        (root / d).mkdir()
-    for i in range(6):
-        Image.fromarray(make_image(rng)).save(root / "train" / f"n{i}.png")
-    for i in range(2):
-        Image.fromarray(make_image(rng, defect=True)).save(root / "test" / f"bad{i}.png")
-    model = SPADE(**SMALL).fit(root / "train")
-    return model, model.save(root / "model.safetensors"), root / "test"
-
-
 @pytest.mark.parametrize("fmt,runtime", [("onnx", "onnxruntime"), ("onnx", "openvino"), ("openvino", "openvino")])
-def test_exported_backbone_scores_like_torch(small_model, tmp_path, fmt, runtime):
-    model, path, test = small_model
+def test_exported_backbone_scores_like_torch(fitted, tmp_path, fmt, runtime):  # noqa: F811 - the imported fixture
+    model, path, test = fitted
     out = model.export(tmp_path / "exp", fmt)
     assert json.loads((out / "spade_export.json").read_text())["format"] == fmt
     ref = model.predict(test)
@@ -145,8 +129,8 @@ def test_exported_backbone_scores_like_torch(small_model, tmp_path, fmt, runtime
     np.testing.assert_allclose(got.anomaly_maps, ref.anomaly_maps, rtol=1e-4, atol=1e-4 * ref.anomaly_maps.max())
 
 
-def test_a_model_fitted_with_one_runtime_scores_with_another(small_model, tmp_path):
-    model, _, test = small_model
+def test_a_model_fitted_with_one_runtime_scores_with_another(fitted, tmp_path):  # noqa: F811 - the imported fixture
+    model, _, test = fitted
     ov = SPADE(**SMALL, runtime="openvino").fit(test.parent / "train")
     assert ov.weights_sha256_ == model.weights_sha256_
     loaded = SPADE.load(ov.save(tmp_path / "ov.safetensors"))
@@ -156,8 +140,8 @@ def test_a_model_fitted_with_one_runtime_scores_with_another(small_model, tmp_pa
     np.testing.assert_allclose(torch_run.predict(test).image_scores, model.predict(test).image_scores, rtol=1e-4)
 
 
-def test_mismatched_or_changed_exports_are_refused(small_model, tmp_path):
-    model, path, _ = small_model
+def test_mismatched_or_changed_exports_are_refused(fitted, tmp_path):  # noqa: F811 - the imported fixture
+    model, path, _ = fitted
     out = model.export(tmp_path / "exp", "onnx")
     test = [make_image_array()]
     checks = [
@@ -187,8 +171,8 @@ def test_mismatched_or_changed_exports_are_refused(small_model, tmp_path):
         SPADE.load(path, runtime="onnxruntime", export_dir=out).extract(test)
 
 
-def test_cli_export_then_predict_with_openvino(small_model, tmp_path):
-    model, path, test = small_model
+def test_cli_export_then_predict_with_openvino(fitted, tmp_path):  # noqa: F811 - the imported fixture
+    model, path, test = fitted
     runner = CliRunner()
     r = runner.invoke(main, ["export", str(path), "--format", "openvino", "--out", str(tmp_path / "ir")])
     assert r.exit_code == 0, r.output
@@ -206,8 +190,8 @@ def test_cli_export_then_predict_with_openvino(small_model, tmp_path):
 # --------------------------------------------------------------------------------------------
 # device plumbing (CPU-only here: no GPU in the test machine)
 # --------------------------------------------------------------------------------------------
-def test_device_cpu_and_auto_without_gpu_and_cuda_is_a_clear_error(small_model, monkeypatch):
-    model, path, test = small_model
+def test_device_cpu_and_auto_without_gpu_and_cuda_is_a_clear_error(fitted, monkeypatch):  # noqa: F811 - the imported fixture
+    model, path, test = fitted
     ref = model.predict(test)
     np.testing.assert_array_equal(SPADE.load(path, device="cpu").predict(test).anomaly_maps, ref.anomaly_maps)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU

@@ -227,6 +227,13 @@ def nearest_distances(
     return out.clamp_(min=0.0).sqrt_().mean(dim=1)
 
 
+def _check_window(test: torch.Tensor, gallery: torch.Tensor, radius: int) -> None:
+    if test.ndim != 3 or gallery.ndim != 4 or gallery.shape[1:] != test.shape:
+        raise ValueError(f"gallery shape {tuple(gallery.shape)} does not match test features {tuple(test.shape)}")
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+
+
 def window_distances(
     test: torch.Tensor, gallery: torch.Tensor, radius: int, block: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,10 +250,7 @@ def window_distances(
     against the gallery features of the square grown by ``radius`` (positions outside a pixel's own
     window masked out), and the winner's distance is recomputed exactly in float64.
     """
-    if test.ndim != 3 or gallery.ndim != 4 or gallery.shape[1:] != test.shape:
-        raise ValueError(f"gallery shape {tuple(gallery.shape)} does not match test features {tuple(test.shape)}")
-    if radius < 0:
-        raise ValueError(f"radius must be >= 0, got {radius}")
+    _check_window(test, gallery, radius)
     h, w, c = test.shape
     n_k = gallery.shape[0]
     g = gallery.to(torch.float32)
@@ -289,10 +293,7 @@ def window_nearest(test: torch.Tensor, gallery: torch.Tensor, radius: int) -> tu
     block search breaks ties in, and its distance is recomputed in float64. Returns (h, w) float32
     distances and (h, w) int64 flat indices ``(k * h + y') * w + x'``, as :func:`window_distances`.
     """
-    if test.ndim != 3 or gallery.ndim != 4 or gallery.shape[1:] != test.shape:
-        raise ValueError(f"gallery shape {tuple(gallery.shape)} does not match test features {tuple(test.shape)}")
-    if radius < 0:
-        raise ValueError(f"radius must be >= 0, got {radius}")
+    _check_window(test, gallery, radius)
     h, w, _ = test.shape
     n_k = gallery.shape[0]
     t = test.to(torch.float32)
