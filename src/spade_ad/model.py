@@ -251,7 +251,7 @@ class SPADE:
                 self.device,
             )
             self._check_weights(bb)
-            self._backbone = bb
+            self._backbone: Backbone | RuntimeBackbone | DeviceBackbone | None = bb
         return bb
 
     def _check_weights(self, bb: Backbone | RuntimeBackbone | DeviceBackbone) -> None:

@@ -26,6 +26,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -110,7 +111,8 @@ class _Graph(nn.Module):
         self.level_ids = tuple(level_ids)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = (x - self.backbone.mean) / self.backbone.std
+        mean, std = cast(torch.Tensor, self.backbone.mean), cast(torch.Tensor, self.backbone.std)
+        x = (x - mean) / std
         g, levels = self.backbone._run(self.backbone.net, x)
         return (g, *(levels[i - 1] for i in self.level_ids))
 
@@ -127,7 +129,7 @@ def onnx_bytes(backbone: Backbone, input_size: int, level_ids: Sequence[int]) ->
         torch.onnx.export(
             graph,
             (torch.rand(2, 3, input_size, input_size),),
-            buf,
+            buf,  # type: ignore[arg-type]  # a file-like object is accepted, as the docs say
             dynamo=False,
             input_names=["images"],
             output_names=names,
@@ -308,11 +310,11 @@ def runtime_backbone(
     return RuntimeBackbone(info, run_ov, level_ids, bb.weights_sha256, bb.weights_source)
 
 
-def device_levels(levels: Sequence[object], device: torch.device) -> list[torch.Tensor] | None:
+def device_levels(levels: Sequence[Any], device: torch.device) -> list[torch.Tensor] | None:
     """The bank's pixel features moved to ``device`` when they are in memory and take under half of its
     free memory; None otherwise (then each image's K neighbours are gathered on the CPU and copied)."""
     if device.type != "cuda" or not all(isinstance(lv, torch.Tensor) for lv in levels):
         return None
-    need = sum(lv.numel() * lv.element_size() for lv in levels)  # type: ignore[union-attr]
+    need = sum(lv.numel() * lv.element_size() for lv in levels)
     free, _ = torch.cuda.mem_get_info(device)
-    return [lv.to(device) for lv in levels] if need < free // 2 else None  # type: ignore[union-attr]
+    return [lv.to(device) for lv in levels] if need < free // 2 else None

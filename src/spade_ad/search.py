@@ -308,10 +308,10 @@ def window_nearest(test: torch.Tensor, gallery: torch.Tensor, radius: int) -> tu
         torch.linalg.vector_norm(diff, dim=-1, out=d2[:, o, y0:y1, x0:x1])
     # argmin returns the first minimum: image k first, then offset (dy, then dx), i.e. (k, y', x') order.
     best = d2.view(n_k * len(offsets), h, w).argmin(dim=0)
-    kk, o = best // len(offsets), best % len(offsets)
+    kk, which = best // len(offsets), best % len(offsets)
     off = torch.tensor(offsets, dtype=torch.long, device=t.device)
-    yy = torch.arange(h, device=t.device)[:, None] + off[o, 0]
-    xx = torch.arange(w, device=t.device)[None, :] + off[o, 1]
+    yy = torch.arange(h, device=t.device)[:, None] + off[which, 0]
+    xx = torch.arange(w, device=t.device)[None, :] + off[which, 1]
     diff64 = g[kk, yy, xx].to(torch.float64) - t.to(torch.float64)
     dist = (diff64 * diff64).sum(-1).sqrt_().to(torch.float32)
     return dist, (kk * h + yy) * w + xx
