@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -261,20 +262,38 @@ def test_service_runs_with_openvino(model_file, tmp_path):  # noqa: F811 - the i
     [
         ({}, "1000"),
         ({"OMP_WAIT_POLICY": "ACTIVE"}, None),
+        ({"GOMP_SPINCOUNT": "5"}, "5"),
         ({"SPADE_AD_THREAD_POLICY": "off"}, None),
     ],
 )
-def test_thread_policy_is_set_before_torch_loads_unless_the_user_chose(env, want):
-    import os
+def test_thread_policy_only_when_the_user_chose_none(monkeypatch, env, want):
+    import sys
+
+    from spade_ad._threads import apply_thread_policy
+
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "SPADE_AD_THREAD_POLICY"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delitem(sys.modules, "torch")  # as before torch is first imported (restored afterwards)
+    assert apply_thread_policy() == (want == "1000")
+    assert os.environ.get("GOMP_SPINCOUNT") == want
+
+
+def test_importing_spade_ad_sets_the_thread_policy_before_torch_loads():
     import subprocess
     import sys
 
     clean = {
         k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "SPADE_AD_THREAD_POLICY")
     }
+    # torch is imported by spade_ad itself: libgomp reads the variable when torch loads it.
     code = "import os, sys; import spade_ad; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [str(want), "True"]
+    out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1000", "True"]
+    from spade_ad._threads import apply_thread_policy
+
+    assert apply_thread_policy() is False  # torch is already loaded in this process: too late, nothing set
 
 
 # --------------------------------------------------------------------------------------------
