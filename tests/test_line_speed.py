@@ -272,7 +272,8 @@ def test_thread_policy_only_when_the_user_chose_none(monkeypatch, env, want):
     from spade_ad._threads import apply_thread_policy
 
     for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "SPADE_AD_THREAD_POLICY"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so that whatever the call sets is undone after the test
+        monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delitem(sys.modules, "torch")  # as before torch is first imported (restored afterwards)
