@@ -1,7 +1,7 @@
 """Line speed: end-to-end images/s of ``predict`` per preset and backbone runtime, where the time goes, the
 window kernels, and throughput next to a competing CPU-heavy process.
 
-    flock /work/heavy.lock .venv/bin/python benchmarks/bench_throughput.py [--runs 3]
+    flock /work/heavy.lock .venv/bin/python benchmarks/bench_throughput.py [--runs 3] [--backbone-only]
 
 In one invocation, on MVTec AD transistor (``../shared/datasets``):
 
@@ -16,6 +16,8 @@ In one invocation, on MVTec AD transistor (``../shared/datasets``):
 4. times the two window kernels (block GEMM search, per-offset kernel) at the embedded backbone's level shapes;
 5. starts a competing process (a 2-thread torch matmul loop), and measures the fast and paper presets in a
    fresh process per thread policy, alone and next to it, then stops it: the slowdown ratio per policy.
+
+``--backbone-only`` instead times the backbone alone per runtime at each preset's input size.
 
 Not part of the test suite (about 15 minutes on 2 cores).
 """
@@ -101,6 +103,29 @@ def stage_split(model: SPADE, paths: list[Path], out: Path) -> dict[str, float]:
     return {k: v / len(paths) for k, v in t.items()}
 
 
+def backbone_only(paths: list[Path], runs: int) -> list[tuple[str, int, dict[str, float]]]:
+    """(preset, crop size, {runtime: s/img}) of the backbone alone on decoded images (median of ``runs``)."""
+    rows = []
+    for name in PRESET_NAMES:
+        cfg = SPADE.from_preset(name)
+        x = torch.from_numpy(
+            np.stack([load_preprocessed(p, str(p), cfg.image_size, cfg.crop_size, cfg.max_pixels) for p in paths])
+        )
+        per = {}
+        for rt in RUNTIMES:
+            bb = SPADE.from_preset(name, runtime=rt)._get_backbone()
+            bb(x[:2])
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                for s in range(0, len(x), cfg.batch_size):
+                    bb(x[s : s + cfg.batch_size])
+                times.append(time.perf_counter() - t0)
+            per[rt] = statistics.median(times) / len(x)
+        rows.append((name, cfg.crop_size, per))
+    return rows
+
+
 def window_kernels(repeats: int = 5) -> list[tuple[str, float, float]]:
     """(shape, block search ms, per-offset kernel ms) for K = 50 at the embedded backbone's level shapes."""
     rows = []
@@ -149,9 +174,18 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=16, help="images per competing-process probe")
+    ap.add_argument("--backbone-only", action="store_true", help="only the backbone per runtime and input size")
     args = ap.parse_args()
     if args.probe:
         probe(args.probe, args.n)
+        return
+    if args.backbone_only:
+        test = [t.path for t in load_mvtec(DATA, "transistor").test]
+        print(f"## Backbone alone, {len(test)} transistor test images, s/img, median of {args.runs}")
+        print("| preset (crop) | torch | onnxruntime | openvino | torch / openvino |\n|---|---:|---:|---:|---:|")
+        for name, crop, per in backbone_only(test, args.runs):
+            cells = " | ".join(f"{per[rt]:.4f}" for rt in RUNTIMES)
+            print(f"| {name} ({crop}) | {cells} | {per['torch'] / per['openvino']:.2f} |")
         return
     ds = load_mvtec(DATA, "transistor")
     train, test = ds.train, [t.path for t in ds.test]
