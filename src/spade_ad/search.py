@@ -320,9 +320,9 @@ def window_nearest(test: torch.Tensor, gallery: torch.Tensor, radius: int) -> tu
 def window_search(test: torch.Tensor, gallery: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The window search the model runs: :func:`window_nearest` for R <= 1, :func:`window_distances` above.
 
-    Both give the same indices and distances. On 2 cores the per-offset kernel is 1.3-1.9x faster at
-    R = 1 (9 offsets); from R = 2 its elementwise passes (memory-bound) lose to the block GEMMs, which do
-    more arithmetic but at BLAS speed (``benchmarks/bench_throughput.py --window-kernels``).
+    Both give the same indices and distances. On 2 cores the per-offset kernel is 1.8-2.7x faster at
+    R = 1 (9 offsets), about even at R = 2 and slower from R = 3: its elementwise passes are memory-bound,
+    while the block GEMMs do more arithmetic at BLAS speed (``benchmarks/bench_throughput.py``).
     """
     return (window_nearest if radius <= 1 else window_distances)(test, gallery, radius)
 
