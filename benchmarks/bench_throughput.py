@@ -46,9 +46,9 @@ PRESET_NAMES = ("paper", "accurate", "fast")
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 #: Thread policies compared next to a competing process: environment set before torch is imported.
 POLICIES = {
-    "spade-ad default": {},
+    "spade-ad default (OMP_WAIT_POLICY=PASSIVE)": {},
     "libgomp default (spin)": {"SPADE_AD_THREAD_POLICY": "off"},
-    "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"},
     "1 thread": {"OMP_NUM_THREADS": "1"},
 }
 COMPETITOR = "import torch\na = torch.randn(1500, 1500)\nwhile True:\n    a @ a\n"

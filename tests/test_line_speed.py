@@ -260,9 +260,9 @@ def test_service_runs_with_openvino(model_file, tmp_path):  # noqa: F811 - the i
 @pytest.mark.parametrize(
     "env,want",
     [
-        ({}, "1000"),
-        ({"OMP_WAIT_POLICY": "ACTIVE"}, None),
-        ({"GOMP_SPINCOUNT": "5"}, "5"),
+        ({}, "PASSIVE"),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+        ({"GOMP_SPINCOUNT": "5"}, None),
         ({"SPADE_AD_THREAD_POLICY": "off"}, None),
     ],
 )
@@ -277,8 +277,8 @@ def test_thread_policy_only_when_the_user_chose_none(monkeypatch, env, want):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delitem(sys.modules, "torch")  # as before torch is first imported (restored afterwards)
-    assert apply_thread_policy() == (want == "1000")
-    assert os.environ.get("GOMP_SPINCOUNT") == want
+    assert apply_thread_policy() == (not env)
+    assert os.environ.get("OMP_WAIT_POLICY") == want
 
 
 def test_importing_spade_ad_sets_the_thread_policy_before_torch_loads():
@@ -289,9 +289,9 @@ def test_importing_spade_ad_sets_the_thread_policy_before_torch_loads():
         k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "SPADE_AD_THREAD_POLICY")
     }
     # torch is imported by spade_ad itself: libgomp reads the variable when torch loads it.
-    code = "import os, sys; import spade_ad; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    code = "import os, sys; import spade_ad; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["1000", "True"]
+    assert out.stdout.split() == ["PASSIVE", "True"]
     from spade_ad._threads import apply_thread_policy
 
     assert apply_thread_policy() is False  # torch is already loaded in this process: too late, nothing set
