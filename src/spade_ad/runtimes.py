@@ -274,7 +274,8 @@ def runtime_backbone(
             raise SpadeError("an export folder is run by runtime 'onnxruntime' or 'openvino', not 'torch'")
         bb = build()
         return bb if dev.type == "cpu" else DeviceBackbone(bb, dev)
-    if dev.type != "cpu":
+    if dev.type != "cpu" and device != "auto":
+        # "auto" leaves this runtime's backbone on the CPU (the search still uses the GPU).
         raise SpadeError(f"runtime {runtime!r} runs on the CPU here; use runtime='torch' for device {device!r}")
     n_out = 1 + len(level_ids)
     if export_dir is not None:
