@@ -328,3 +328,11 @@ def test_transistor_metrics_are_the_same_with_every_runtime(tmp_path):
     image, pixel, pro = got["torch"]
     # The fast preset's floors on transistor (issue 13: today's accurate minus 0.01 / 0.02).
     assert image >= 0.961 and pixel >= 0.968 and pro >= 0.911, got
+
+
+def test_a_missing_runtime_package_is_named(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(SpadeError, match=r"runtime 'openvino' needs the package 'openvino'.*spade-ad\[runtimes\]"):
+        SPADE(**SMALL, runtime="openvino").extract([make_image_array()])

@@ -43,6 +43,19 @@ MANIFEST = "spade_export.json"
 _ONNX_OPSET = 17
 
 
+def _require(module: str, what: str) -> Any:
+    """Import an optional package, or say which one is missing and how to get it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise SpadeError(
+            f"{what} needs the package '{module}' (pip install 'spade-ad[runtimes]' installs "
+            f"onnx, onnxruntime and openvino)"
+        ) from None
+
+
 class RuntimeBackbone:
     """A backbone run by ONNX Runtime or OpenVINO, called like :class:`Backbone`.
 
@@ -120,6 +133,7 @@ class _Graph(nn.Module):
 def onnx_bytes(backbone: Backbone, input_size: int, level_ids: Sequence[int]) -> bytes:
     """The backbone as an ONNX graph (opset 17, free batch size), traced at ``input_size``."""
     names = ["global", *(f"level{i}" for i in level_ids)]
+    _require("onnx", "exporting the backbone to ONNX")
     buf = io.BytesIO()
     graph = _Graph(backbone.cpu(), level_ids).eval()
     with warnings.catch_warnings():
@@ -164,7 +178,7 @@ def export_backbone(
         onnx_path = tmp / "backbone.onnx"
         onnx_path.write_bytes(data)
         if fmt == "openvino":
-            import openvino as ov
+            ov = _require("openvino", "an OpenVINO export")
 
             # compress_to_fp16=False: keep the float32 weights (fp16 weights change the features).
             ov.save_model(ov.Core().read_model(str(onnx_path)), str(tmp / "backbone.xml"), compress_to_fp16=False)
@@ -219,8 +233,7 @@ def _thread_count() -> int:
 
 
 def _onnxruntime_runner(model: bytes | str, n_out: int) -> Callable[[np.ndarray], Sequence[np.ndarray]]:
-    import onnxruntime as ort
-
+    ort = _require("onnxruntime", "runtime 'onnxruntime'")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = _thread_count()
     opts.inter_op_num_threads = 1
@@ -232,8 +245,7 @@ def _onnxruntime_runner(model: bytes | str, n_out: int) -> Callable[[np.ndarray]
 
 
 def _openvino_runner(model_path: str) -> Callable[[np.ndarray], Sequence[np.ndarray]]:
-    import openvino as ov
-
+    ov = _require("openvino", "runtime 'openvino'")
     core = ov.Core()
     # f32: OpenVINO would otherwise run in bf16 on CPUs that have it, which moves features by ~5 %.
     compiled = core.compile_model(
