@@ -2,7 +2,12 @@
 
 __version__ = "0.1.0"
 
-from .errors import (
+from ._threads import apply_thread_policy
+
+# Before anything imports torch: how OpenMP threads wait decides how well we share the CPU (see _threads).
+apply_thread_policy()
+
+from .errors import (  # noqa: E402 -- after the thread policy, which must precede torch's import
     DatasetError,
     FeatureError,
     ImageError,
@@ -11,7 +16,7 @@ from .errors import (
     SpadeError,
     WeightsError,
 )
-from .model import SPADE, Prediction, SpadeWarning
+from .model import SPADE, Prediction, SpadeWarning  # noqa: E402 -- likewise
 
 __all__ = [
     "SPADE",

@@ -30,6 +30,7 @@ from .evaluate import CategoryResult, evaluate_dataset, find_categories, set_thr
 from .model import IMAGE_SCORES, SPADE, Explanation
 from .output import check_can_write, staged_dir, unique_stems, write_csv, write_json
 from .presets import PRESETS
+from .runtimes import DEVICES, EXPORT_FORMATS, RUNTIMES
 from .viz import heatmap_overlay, rebuild_from_matches
 
 
@@ -41,6 +42,35 @@ def _parse_levels(ctx: click.Context, param: click.Parameter, value: str) -> tup
     if not levels or any(x not in (1, 2, 3) for x in levels):
         raise click.BadParameter(f"{value!r}: levels are 1 (stride 4), 2 (stride 8), 3 (stride 16)")
     return levels
+
+
+def runtime_options(model_default: bool) -> list[Callable]:
+    """Where the backbone and search run (a deployment choice: results are the same to float32 rounding).
+
+    ``model_default``: loading a saved model, where no --runtime means the runtime saved with it.
+    """
+    return [
+        click.option(
+            "--runtime",
+            type=click.Choice(list(RUNTIMES)),
+            default=None if model_default else "torch",
+            show_default=not model_default,
+            help="Backbone runtime" + (" (default: the one saved with the model)." if model_default else "."),
+        ),
+        click.option(
+            "--export-dir",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Folder from 'spade-ad export' for --runtime onnxruntime/openvino (default: traced at start).",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(list(DEVICES)),
+            default="cpu",
+            show_default=True,
+            help="cpu, cuda, or auto (a GPU when there is one) for extraction and the pixel search.",
+        ),
+    ]
 
 
 def model_options(f: Callable) -> Callable:
@@ -151,6 +181,7 @@ def model_options(f: Callable) -> Callable:
             show_default=True,
             help="squash to a square (paper) or keep the aspect ratio and pad (metrics on the image only).",
         ),
+        *runtime_options(model_default=False),
         click.option(
             "--bank-dtype",
             type=click.Choice(["float32", "float16"]),
@@ -159,9 +190,18 @@ def model_options(f: Callable) -> Callable:
             help="Storage of the pixel features in the model (float16 halves it).",
         ),
     ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    return _with_options(opts)(f)
+
+
+def _with_options(opts: list[Callable]) -> Callable[[Callable], Callable]:
+    """Apply click options in the order listed (as if written above the function top to bottom)."""
+
+    def apply(f: Callable) -> Callable:
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return apply
 
 
 def threshold_options(f: Callable) -> Callable:
@@ -222,6 +262,9 @@ _MODEL_KEYS = (
     "window",
     "bank_dtype",
     "geometry",
+    "runtime",
+    "export_dir",
+    "device",
 )
 
 
@@ -370,6 +413,7 @@ def fit(
     help="Leave the pixel features in the model file and read only each image's K neighbours.",
 )
 @engine_options
+@_with_options(runtime_options(model_default=True))
 @_handle_errors
 def predict(
     model_path: Path,
@@ -385,6 +429,7 @@ def predict(
     engine: str,
     address: str | None,
     num_workers: int | None,
+    **where: Any,
 ) -> None:
     """Score IMAGES (files and/or folders) with MODEL.
 
@@ -422,7 +467,7 @@ def predict(
         click.echo(run.summary())
         sys.exit(2 if run.failures else 0)
     check_can_write(out, overwrite)
-    model = SPADE.load(model_path, weights=weights, progress=True, mmap=mmap)
+    model = SPADE.load(model_path, weights=weights, progress=True, mmap=mmap, **where)
     paths = expand_inputs(images, recursive=recursive)
     stems = unique_stems([str(p) for p in paths])
     t0 = time.perf_counter()
@@ -1006,6 +1051,7 @@ def info(model_path: Path, as_json: bool, files: bool) -> None:
     show_default=True,
     help="Most images added or removed per minute; beyond that 429 with Retry-After.",
 )
+@_with_options(runtime_options(model_default=True))
 @_handle_errors
 def serve(
     model_path: Path,
@@ -1018,6 +1064,9 @@ def serve(
     audit_log: Path | None,
     normal_dir: Path | None,
     admin_max_per_minute: int,
+    runtime: str | None,
+    export_dir: Path | None,
+    device: str,
     **settings: Any,
 ) -> None:
     """Serve MODEL over HTTP: POST /v1/score, /v1/score/batch; GET /v1/model, /healthz, /readyz, and an
@@ -1041,7 +1090,24 @@ def serve(
         weights=weights,
         log_level=log_level,
         operator=operator,
+        where={"runtime": runtime, "export_dir": export_dir, "device": device},
     )
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(list(EXPORT_FORMATS)), required=True, help="onnx or openvino (IR).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--weights", default=None, help="Backbone weights file, if not where it was at fit time.")
+@_handle_errors
+def export(model_path: Path, fmt: str, out: Path, overwrite: bool, weights: str | None) -> None:
+    """Write MODEL's frozen backbone (its pyramid levels and global pool, at its crop size) as ONNX or OpenVINO IR
+    into OUT, for predict/serve --runtime onnxruntime|openvino --export-dir OUT."""
+    check_can_write(out, overwrite)
+    model = SPADE.load(model_path, weights=weights, runtime="torch")
+    model.export(out, fmt, overwrite=overwrite)
+    click.echo(f"{fmt} backbone of {model_path} ({model.backbone}, {model.crop_size} px) written to {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

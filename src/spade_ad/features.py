@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ def check_finite(global_: torch.Tensor, levels: Sequence[torch.Tensor], names: S
 
 
 def extract_features(
-    backbone: Backbone,
+    backbone: Backbone | Callable[[torch.Tensor], tuple[torch.Tensor, list[Any]]],
     items: Sequence[ImageLike],
     names: Sequence[str],
     prep: Preprocessing,

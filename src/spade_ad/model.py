@@ -26,7 +26,17 @@ from .data import DEFAULT_MAX_PIXELS, GEOMETRIES, as_image_list, item_size, load
 from .errors import ModelFileError, NotFittedError, SpadeError, WeightsError
 from .features import Features, Preprocessing, extract_features
 from .maps import combine_levels, smooth
-from .search import PRECISIONS, knn_images, nearest_distances, nearest_neighbors, window_distances
+from .runtimes import (
+    DEVICES,
+    RUNTIMES,
+    DeviceBackbone,
+    RuntimeBackbone,
+    device_levels,
+    export_backbone,
+    resolve_device,
+    runtime_backbone,
+)
+from .search import PRECISIONS, device_search, knn_images, nearest_distances, nearest_neighbors, window_search
 from .thresholds import (
     DEFAULT_IMAGE_QUANTILE,
     DEFAULT_PIXEL_QUANTILE,
@@ -144,6 +154,14 @@ class SPADE:
         ``"squash"`` (the paper: resize to a square whatever the aspect ratio) or ``"pad"``
         (keep the aspect ratio, pad to a square; maps are valid only where the image is, see
         :attr:`Prediction.valid`).
+    runtime
+        where the backbone runs: ``"torch"``, ``"onnxruntime"`` or ``"openvino"`` (same features to
+        float32 rounding; a deployment choice, see :mod:`spade_ad.runtimes`). Saved as the model's default.
+    export_dir
+        a folder written by ``spade-ad export`` for the ONNX Runtime / OpenVINO runtimes (None:
+        traced from the torch backbone at first use). Not saved.
+    device
+        ``"cpu"``, ``"cuda"`` or ``"auto"`` for extraction and the pixel search (torch runtime). Not saved.
     """
 
     def __init__(
@@ -166,6 +184,9 @@ class SPADE:
         window: int | None = None,
         bank_dtype: str = "float32",
         geometry: str = "squash",
+        runtime: str = "torch",
+        export_dir: str | os.PathLike | None = None,
+        device: str = "cpu",
     ) -> None:
         self.backbone = backbone
         self.k = k
@@ -185,6 +206,9 @@ class SPADE:
         self.window = window
         self.bank_dtype = bank_dtype
         self.geometry = geometry
+        self.runtime = runtime
+        self.export_dir = export_dir
+        self.device = device
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> SPADE:
@@ -230,6 +254,10 @@ class SPADE:
                 raise SpadeError("window search finds one nearest feature per pixel: it needs kappa=1")
         if self.geometry not in GEOMETRIES:
             raise SpadeError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {self.geometry!r}")
+        if self.runtime not in RUNTIMES:
+            raise SpadeError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.device not in DEVICES:
+            raise SpadeError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.bank_dtype not in BANK_DTYPES:
             raise SpadeError(f"bank_dtype must be one of {', '.join(BANK_DTYPES)}, got {self.bank_dtype!r}")
 
@@ -237,19 +265,41 @@ class SPADE:
     def _prep(self) -> Preprocessing:
         return Preprocessing(self.image_size, self.crop_size, self.max_pixels, self.geometry)
 
-    def _get_backbone(self) -> Backbone:
+    def _get_backbone(self) -> Backbone | RuntimeBackbone | DeviceBackbone:
         # Built lazily and cached: a loaded model rebuilds its backbone only when first used.
         bb = getattr(self, "_backbone", None)
         if bb is None:
-            bb = build_backbone(self.backbone, self.weights)
-            expected = getattr(self, "weights_sha256_", None)
-            if expected is not None and bb.weights_sha256 != expected:
-                raise WeightsError(
-                    f"{bb.weights_source}: {self.backbone} weights differ from those the model was fitted "
-                    f"with (sha256 {bb.weights_sha256[:12]}... vs {expected[:12]}...); use the same weights"
-                )
-            self._backbone: Backbone | None = bb  # None after load(): rebuilt on first use
+            bb = runtime_backbone(
+                self.runtime,
+                lambda: build_backbone(self.backbone, self.weights),
+                backbone_info(self.backbone),
+                self.crop_size,
+                tuple(self.levels),
+                self.export_dir,
+                self.device,
+            )
+            self._check_weights(bb)
+            self._backbone: Backbone | RuntimeBackbone | DeviceBackbone | None = (
+                bb  # None after load(): rebuilt on first use
+            )
         return bb
+
+    def _check_weights(self, bb: Backbone | RuntimeBackbone | DeviceBackbone) -> None:
+        expected = getattr(self, "weights_sha256_", None)
+        if expected is not None and bb.weights_sha256 != expected:
+            raise WeightsError(
+                f"{bb.weights_source}: {self.backbone} weights differ from those the model was fitted "
+                f"with (sha256 {bb.weights_sha256[:12]}... vs {expected[:12]}...); use the same weights"
+            )
+
+    def export(self, folder: str | os.PathLike, format: str = "onnx", overwrite: bool = False) -> Path:
+        """Write this model's backbone (its levels and the global pool, at its crop size) as ONNX or OpenVINO
+        IR into ``folder``, for ``runtime="onnxruntime"``/``"openvino"`` with ``export_dir`` (see
+        :mod:`spade_ad.runtimes`). The torch weights must be those the model was fitted with."""
+        self._validate()
+        bb = build_backbone(self.backbone, self.weights)
+        self._check_weights(bb)
+        return export_backbone(bb, self.crop_size, tuple(self.levels), format, folder, overwrite)
 
     def _extract(self, images: Any, desc: str) -> tuple[Features, list[str]]:
         items, names = as_image_list(images)
@@ -286,7 +336,7 @@ class SPADE:
             return self.calibrate(hold)
         self._validate()
         # Refitting starts from scratch (the weights may have changed); a failed fit leaves the model unfitted.
-        for attr in ("bank_", "k_", "image_k_", "weights_sha256_", "_backbone", "thresholds_"):
+        for attr in ("bank_", "k_", "image_k_", "weights_sha256_", "_backbone", "thresholds_", "_device_levels"):
             self.__dict__.pop(attr, None)
         feats, names = self._extract(train, "fit")
         n = len(names)
@@ -447,9 +497,14 @@ class SPADE:
         maps, sources = [], []
         for i, test_lv in enumerate(test_levels):
             h, w, c = test_lv.shape
-            gallery = self.bank_.gallery(level_index[i] if level_index else i, neighbors)
-            if self.window is not None:
-                d, idx = window_distances(test_lv, gallery, self.window)
+            level = level_index[i] if level_index else i
+            # A GPU (device="cuda"/"auto" with one) runs the kappa = 1 search; kappa > 1 stays on the CPU.
+            on_device = self.device != "cpu" and self.kappa == 1 and resolve_device(self.device).type != "cpu"
+            gallery = self._device_gallery(level, neighbors) if on_device else self.bank_.gallery(level, neighbors)
+            if on_device:
+                d, idx = device_search(test_lv, gallery, self.window)
+            elif self.window is not None:
+                d, idx = window_search(test_lv, gallery, self.window)
             elif with_source or self.kappa == 1:
                 d, idx = nearest_neighbors(test_lv.reshape(-1, c), gallery.reshape(-1, c), self.precision)
             else:
@@ -458,6 +513,16 @@ class SPADE:
                 sources.append(idx.reshape(h, w))
             maps.append(d.reshape(h, w))
         return maps, sources
+
+    def _device_gallery(self, level: int, neighbors: torch.Tensor) -> torch.Tensor:
+        """The K neighbours' features at one level on the search device (from a device copy of the bank
+        when it fits there, else gathered on the CPU and copied)."""
+        dev = resolve_device(self.device)
+        if "_device_levels" not in self.__dict__:
+            self._device_levels = device_levels(self.bank_.levels, dev)
+        if self._device_levels is not None:
+            return self._device_levels[level][neighbors.to(dev)].to(torch.float32)
+        return self.bank_.gallery(level, neighbors).to(dev)
 
     def _finish_map(self, level_maps: list[torch.Tensor]) -> np.ndarray:
         """Upsample to the crop size, average the levels, smooth."""
@@ -645,6 +710,7 @@ class SPADE:
             "precision": self.precision,
             "window": None if self.window is None else int(self.window),
             "bank_dtype": self.bank_dtype,
+            "runtime": self.runtime,  # the default runtime only: any runtime scores the model the same
             "preprocessing": {
                 "image_size": int(self.image_size),
                 "crop_size": int(self.crop_size),
@@ -672,12 +738,16 @@ class SPADE:
         weights: str | os.PathLike | None = None,
         progress: bool = False,
         mmap: bool = False,
+        runtime: str | None = None,
+        export_dir: str | os.PathLike | None = None,
+        device: str = "cpu",
     ) -> SPADE:
         """Rebuild a model saved with :meth:`save`; the backbone weights must hash as when fitted.
 
         ``weights`` overrides where the backbone weights are read from (e.g. on another machine).
         ``mmap``: keep the pixel features in the file and read only each test image's K neighbours'
         maps (memory no longer grows with the training set; same results).
+        ``runtime`` (default: the one saved with the model), ``export_dir``, ``device``: see :class:`SPADE`.
         """
         bank, cfg = load_model_file(path, mmap=mmap)
         try:
@@ -701,6 +771,9 @@ class SPADE:
                 window=cfg.get("window"),
                 bank_dtype=cfg.get("bank_dtype", "float32"),
                 geometry=prep.get("geometry", "squash"),
+                runtime=runtime if runtime is not None else cfg.get("runtime", "torch"),
+                export_dir=export_dir,
+                device=device,
             )
             expected_sha = cfg["weights_sha256"]
         except (KeyError, TypeError) as exc:

@@ -227,6 +227,13 @@ def nearest_distances(
     return out.clamp_(min=0.0).sqrt_().mean(dim=1)
 
 
+def _check_window(test: torch.Tensor, gallery: torch.Tensor, radius: int) -> None:
+    if test.ndim != 3 or gallery.ndim != 4 or gallery.shape[1:] != test.shape:
+        raise ValueError(f"gallery shape {tuple(gallery.shape)} does not match test features {tuple(test.shape)}")
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+
+
 def window_distances(
     test: torch.Tensor, gallery: torch.Tensor, radius: int, block: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,10 +250,7 @@ def window_distances(
     against the gallery features of the square grown by ``radius`` (positions outside a pixel's own
     window masked out), and the winner's distance is recomputed exactly in float64.
     """
-    if test.ndim != 3 or gallery.ndim != 4 or gallery.shape[1:] != test.shape:
-        raise ValueError(f"gallery shape {tuple(gallery.shape)} does not match test features {tuple(test.shape)}")
-    if radius < 0:
-        raise ValueError(f"radius must be >= 0, got {radius}")
+    _check_window(test, gallery, radius)
     h, w, c = test.shape
     n_k = gallery.shape[0]
     g = gallery.to(torch.float32)
@@ -277,3 +281,84 @@ def window_distances(
             flat = (kk * h + gy0 + rest // bw) * w + gx0 + rest % bw
             out_idx[y0:y1, x0:x1] = flat.view(y1 - y0, x1 - x0)
     return out, out_idx
+
+
+def window_nearest(test: torch.Tensor, gallery: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local-window kernel: same answer as :func:`window_distances`, at a cost of K (2R+1)^2 C per pixel.
+
+    Instead of block products against a grown square (most of whose products the window mask then
+    throws away), each of the (2R+1)^2 offsets (dy, dx) is one vectorised pass: every pixel against the
+    gallery feature at (y + dy, x + dx) of all K images, as float32 differences (no expansion, so no
+    cancellation). The winner is the first minimum in (image, y', x') order, which is the order the
+    block search breaks ties in, and its distance is recomputed in float64. Returns (h, w) float32
+    distances and (h, w) int64 flat indices ``(k * h + y') * w + x'``, as :func:`window_distances`.
+    """
+    _check_window(test, gallery, radius)
+    h, w, _ = test.shape
+    n_k = gallery.shape[0]
+    t = test.to(torch.float32)
+    g = gallery.to(torch.float32)
+    # Offsets beyond the map reach no position; clamping keeps a huge radius from allocating for nothing.
+    ry, rx = min(radius, h - 1), min(radius, w - 1)
+    offsets = [(dy, dx) for dy in range(-ry, ry + 1) for dx in range(-rx, rx + 1)]
+    d2 = torch.full((n_k, len(offsets), h, w), float("inf"), dtype=torch.float32, device=t.device)
+    for o, (dy, dx) in enumerate(offsets):
+        y0, y1, x0, x1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
+        diff = g[:, y0 + dy : y1 + dy, x0 + dx : x1 + dx] - t[y0:y1, x0:x1]
+        torch.linalg.vector_norm(diff, dim=-1, out=d2[:, o, y0:y1, x0:x1])
+    # argmin returns the first minimum: image k first, then offset (dy, then dx), i.e. (k, y', x') order.
+    best = d2.view(n_k * len(offsets), h, w).argmin(dim=0)
+    kk, which = best // len(offsets), best % len(offsets)
+    off = torch.tensor(offsets, dtype=torch.long, device=t.device)
+    yy = torch.arange(h, device=t.device)[:, None] + off[which, 0]
+    xx = torch.arange(w, device=t.device)[None, :] + off[which, 1]
+    diff64 = g[kk, yy, xx].to(torch.float64) - t.to(torch.float64)
+    dist = (diff64 * diff64).sum(-1).sqrt_().to(torch.float32)
+    return dist, (kk * h + yy) * w + xx
+
+
+def window_search(test: torch.Tensor, gallery: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window search the model runs: :func:`window_nearest` for R <= 1, :func:`window_distances` above.
+
+    Both give the same indices and distances. On 2 cores the per-offset kernel is 1.8-2.7x faster at
+    R = 1 (9 offsets), about even at R = 2 and slower from R = 3: its elementwise passes are memory-bound,
+    while the block GEMMs do more arithmetic at BLAS speed (``benchmarks/bench_throughput.py``).
+    """
+    return (window_nearest if radius <= 1 else window_distances)(test, gallery, radius)
+
+
+def nearest_neighbors_dense(
+    queries: torch.Tensor, gallery: torch.Tensor, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nearest_neighbors` for any device (a GPU): chunks of queries against the whole gallery.
+
+    Each chunk's squared distances come from one float32 product of centred features (a GPU has the
+    memory for chunk x G at once); the winner's distance is recomputed in float64 as on the CPU. The
+    choice can differ from the CPU search only between neighbours tied to within float32 rounding.
+    """
+    _check(queries, gallery)
+    q, g = queries.to(torch.float32), gallery.to(torch.float32)
+    mu = g.mean(dim=0)
+    qc, gc = q - mu, g - mu
+    g_sq = (gc * gc).sum(1)
+    idx = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
+    for i in range(0, q.shape[0], chunk):
+        # |q|^2 is the same for every gallery row of a query: the argmin does not need it.
+        idx[i : i + chunk] = torch.addmm(g_sq[None, :], qc[i : i + chunk], gc.T, alpha=-2.0).argmin(dim=1)
+    diff = q.to(torch.float64) - g[idx].to(torch.float64)
+    return (diff * diff).sum(1).sqrt_().to(torch.float32), idx
+
+
+def device_search(test: torch.Tensor, gallery: torch.Tensor, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One level's pixel search on ``gallery``'s device; (h, w) distances and flat indices, on the CPU.
+
+    ``test`` (h, w, C) (moved to the gallery's device), ``gallery`` (K, h, w, C). ``window``: None for the
+    full search (:func:`nearest_neighbors_dense`), else the radius (:func:`window_nearest`).
+    """
+    h, w, c = test.shape
+    t = test.to(gallery.device)
+    if window is not None:
+        d, idx = window_nearest(t, gallery, window)
+    else:
+        d, idx = nearest_neighbors_dense(t.reshape(-1, c), gallery.reshape(-1, c))
+    return d.reshape(h, w).cpu(), idx.reshape(h, w).cpu()

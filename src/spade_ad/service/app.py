@@ -241,6 +241,7 @@ def create_app(
                 "enabled": operator is not None,
                 "max_changes_per_minute": None if operator is None else operator.rate.per_minute,
             },
+            runtime=m.runtime,
             service={
                 "max_upload_bytes": settings.max_upload_bytes,
                 "max_pixels": min(settings.max_pixels, m.max_pixels),

@@ -78,6 +78,7 @@ class ModelInfo(BaseModel):
     thresholds: dict[str, Any] | None
     n_train: int
     package_version: str
+    runtime: str = "torch"  # where the backbone runs in this server (torch, onnxruntime, openvino)
     service: dict[str, Any]
     version: int = Field(description="Changes since fit (0: a model file written before versions existed).")
     bank_sha256: str = Field(description="sha256 of the bank's features and training names.")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SpadeError
 from ..model import SPADE
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 ENV_MODEL = "SPADE_AD_SERVE_MODEL"
 ENV_WEIGHTS = "SPADE_AD_SERVE_WEIGHTS"
 ENV_SETTINGS = "SPADE_AD_SERVE_SETTINGS"
+ENV_WHERE = "SPADE_AD_SERVE_RUNTIME"  # JSON: runtime, export_dir, device (SPADE.load keywords)
 
 
 def app_from_env() -> FastAPI:
@@ -29,7 +31,8 @@ def app_from_env() -> FastAPI:
     model_path = os.environ[ENV_MODEL]
     weights = os.environ.get(ENV_WEIGHTS) or None
     settings = ServiceSettings.from_json(os.environ[ENV_SETTINGS])
-    return create_app(lambda: SPADE.load(model_path, weights=weights), settings, load_before_serving=True)
+    where = json.loads(os.environ.get(ENV_WHERE) or "{}")
+    return create_app(lambda: SPADE.load(model_path, weights=weights, **where), settings, load_before_serving=True)
 
 
 def run(
@@ -42,6 +45,7 @@ def run(
     log_level: str = "info",
     access_log: bool = True,
     operator: Operator | None = None,
+    where: dict[str, Any] | None = None,
 ) -> None:
     """Serve ``model_path`` until interrupted.
 
@@ -62,7 +66,9 @@ def run(
             "the model, so an added image could not be in every worker before the add is acknowledged. "
             "Run the operator loop on a one-worker server"
         )
-    model = SPADE.load(model_path, weights=weights)
+    # where: runtime / export_dir / device for SPADE.load (None: the model's runtime, on the CPU).
+    where = {k: (str(v) if isinstance(v, Path) else v) for k, v in (where or {}).items() if v is not None}
+    model = SPADE.load(model_path, weights=weights, **where)
     # uvicorn answers 503 itself beyond this many concurrent connections+tasks: a backstop in front of
     # the image queue for clients that open connections without sending anything.
     limit_concurrency = max(64, 4 * settings.queue_size)
@@ -82,6 +88,7 @@ def run(
     del model
     os.environ[ENV_MODEL] = str(Path(model_path).resolve())
     os.environ[ENV_SETTINGS] = settings.to_json()
+    os.environ[ENV_WHERE] = json.dumps(where)
     if weights is not None:
         os.environ[ENV_WEIGHTS] = str(weights)
     serve("spade_ad.service.server:app_from_env", factory=True, workers=workers)
