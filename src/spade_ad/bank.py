@@ -286,6 +286,10 @@ def load_model_file(path: str | os.PathLike, mmap: bool = False) -> tuple[Featur
         raise ModelFileError(f"{p}: inconsistent bank: {n} global features, {len(paths)} file names")
     for i, keep in enumerate(coresets or []):
         size = bank.levels[i].shape[:3].numel()
-        if keep.dtype != torch.int64 or keep.ndim != 1 or (len(keep) and not 0 <= int(keep.min()) <= int(keep.max()) < size):
+        if (
+            keep.dtype != torch.int64
+            or keep.ndim != 1
+            or (len(keep) and not 0 <= int(keep.min()) <= int(keep.max()) < size)
+        ):
             raise ModelFileError(f"{p}: coreset{i} is not a list of positions of level {i}")
     return bank, config
