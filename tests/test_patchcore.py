@@ -10,7 +10,7 @@ import torch
 from spade_ad import SPADE, ModelFileError, SpadeError
 from spade_ad.coreset import coreset_size, greedy_kcenter, project
 
-SMALL = dict(image_size=48, crop_size=48, k=2)
+SMALL = {"image_size": 48, "crop_size": 48, "k": 2}
 
 
 def bilinear_resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -95,7 +95,7 @@ def test_gallery_all_matches_every_training_position(arrays):
         h, w = te[0].shape[-2:]
         q = te[0][i].permute(1, 2, 0).reshape(-1, te[0].shape[1]).double()
         d = torch.cdist(q, bank)
-        want_d, want_src = d.min(1)
+        want_d, _want_src = d.min(1)
         np.testing.assert_allclose(e.distance.reshape(-1), want_d.numpy(), rtol=1e-5)
         flat = (torch.from_numpy(e.source_image) * h + torch.from_numpy(e.source_y)) * w + torch.from_numpy(e.source_x)
         # The named training image and position hold the nearest feature (up to float32 ties).
@@ -166,12 +166,12 @@ def test_a_tampered_coreset_is_refused(arrays, tmp_path):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(coreset=0.1), "gallery='all'"),
-        (dict(gallery="all", coreset=0.0), "fraction"),
-        (dict(gallery="all", coreset=1.5), "fraction"),
-        (dict(gallery="all", window=2), "gallery='knn'"),
-        (dict(gallery="every"), "gallery must be"),
-        (dict(joint_levels="yes"), "joint_levels"),
+        ({"coreset": 0.1}, "gallery='all'"),
+        ({"gallery": "all", "coreset": 0.0}, "fraction"),
+        ({"gallery": "all", "coreset": 1.5}, "fraction"),
+        ({"gallery": "all", "window": 2}, "gallery='knn'"),
+        ({"gallery": "every"}, "gallery must be"),
+        ({"joint_levels": "yes"}, "joint_levels"),
     ],
 )
 def test_bad_options_are_refused(arrays, kwargs, message):
