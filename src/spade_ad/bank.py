@@ -19,7 +19,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -279,8 +279,12 @@ def load_model_file(path: str | os.PathLike, mmap: bool = False) -> tuple[Featur
     missing = [k for k in names if k not in tensors]
     if missing:
         raise ModelFileError(f"{p}: missing tensors {missing}")
-    coresets = [tensors[f"coreset{i}"] for i in range(n_levels)] if config.get("coreset") is not None else None
-    bank = FeatureBank(tensors["global"], [tensors[f"level{i}"] for i in range(n_levels)], paths, coresets)  # type: ignore[arg-type]
+    coresets = None
+    if config.get("coreset") is not None:  # never mapped: only "level*" tensors stay in the file
+        coresets = [cast(torch.Tensor, tensors[f"coreset{i}"]) for i in range(n_levels)]
+    bank = FeatureBank(
+        cast(torch.Tensor, tensors["global"]), [tensors[f"level{i}"] for i in range(n_levels)], paths, coresets
+    )
     n = len(bank)
     if len(paths) != n or any(lv.shape[0] != n for lv in bank.levels):
         raise ModelFileError(f"{p}: inconsistent bank: {n} global features, {len(paths)} file names")

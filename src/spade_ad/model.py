@@ -306,7 +306,7 @@ class SPADE:
         dtype = BANK_DTYPES[self.bank_dtype]
         self.bank_ = FeatureBank(feats.global_, [lv.to(dtype) for lv in feats.levels], names)
         if self.coreset is not None:
-            self.bank_.coresets = [self._select_coreset(lv) for lv in self.bank_.levels]
+            self.bank_.coresets = [self._select_coreset(lv) for lv in feats.levels]
         self.k_ = min(self.k, n)
         self.image_k_ = min(self.image_k or self.k, n)
         self.weights_sha256_ = self._get_backbone().weights_sha256
