@@ -53,6 +53,18 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ),
 ] + [(f"preset: {name}", dict(params)) for name, params in PRESETS.items() if name != "paper"]
 
+#: PatchCore's options, each added to the 2026-11-29 accurate preset (docs/patchcore.md); these rows run alone.
+_OLD = PRESETS["accurate-2026-11-29"]
+_NEW = PRESETS["accurate"]
+ROWS += [
+    ("2026-11-29 preset + joint levels", {**_OLD, "joint_levels": True}),
+    ("2026-11-29 preset + gallery all, coreset 10%", {**_OLD, "gallery": "all", "coreset": 0.1}),
+    ("2026-11-29 preset + joint, gallery all (no coreset)", {**_OLD, "joint_levels": True, "gallery": "all"}),
+    ("accurate with coreset 1%", {**_NEW, "coreset": 0.01}),
+    ("accurate with patch_size=3, sigma 8", {**_NEW, "patch_size": 3, "sigma": 8.0}),
+    ("accurate with image score map_max", {**_NEW, "image_score": "map_max"}),
+]
+
 # Settings that change the features themselves; rows agreeing on these share one extraction.
 FEATURE_KEYS = ("backbone", "image_size", "crop_size", "patch_size", "geometry")
 
@@ -162,19 +174,26 @@ def run_group(ds, models: list[tuple[str, SPADE]]) -> list[dict[str, Any]]:
     return out
 
 
+def _matches(pattern: str, label: str) -> bool:
+    """``--rows`` items match a label containing them; a trailing ``$`` anchors them at the label's end."""
+    return label.endswith(pattern[:-1]) if pattern.endswith("$") else pattern in label
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="transistor,magnetic_tile")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the tables as Markdown")
     ap.add_argument(
-        "--rows", default=None, help="only the rows whose label contains one of these comma-separated strings"
+        "--rows",
+        default=None,
+        help="only the rows whose label contains one of these comma-separated strings ('...$': ends with it)",
     )
     ap.add_argument("--subset", action="store_true", help="every 4th training and every 3rd test image")
     args = ap.parse_args(argv)
     rows = (
         ROWS
         if args.rows is None
-        else [(label, params) for label, params in ROWS if any(p in label for p in args.rows.split(","))]
+        else [(label, params) for label, params in ROWS if any(_matches(p, label) for p in args.rows.split(","))]
     )
     if not rows:
         ap.error(f"--rows {args.rows!r} matches no row")

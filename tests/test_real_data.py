@@ -99,21 +99,22 @@ def test_magnetic_tile_greyscale_variable_sizes(paper_on_magnetic_subset):
 
 
 def test_accurate_preset_beats_the_paper_on_magnetic_tile_subset(paper_on_magnetic_subset, tmp_path):
-    """The ``accurate`` preset (its own geometry, 320 -> 280) against the paper on the same subset."""
+    """The ``accurate`` preset (320 -> 280, joint levels, a 10 % coreset of every training image's
+    positions) against the paper on the same subset, through save and load."""
     img, pix, pro = _magnetic_subset_figures("accurate", tmp_path)
     paper_img, paper_pix, _ = paper_on_magnetic_subset
-    # The preset's point on this data: clearly better image and pixel AUROC than the paper's settings.
-    # (Its PRO is about the paper's: see the README's accuracy section.) The absolute image floor is
-    # lower than the full category's 0.96: a quarter of the training set holds fewer near-copies of
-    # the good test tiles (the split leak the README describes), so good images score higher here;
-    # measured 0.857 on this subset against the paper settings' 0.760.
-    assert img >= 0.83 and img >= paper_img + 0.05
-    assert pix >= paper_pix + 0.03
-    assert pro >= 0.72
+    # Floors a little under the figures measured on this subset (docs/patchcore.md, 2026-11-30): image 0.864,
+    # pixel 0.856, PRO 0.763, against the paper settings' 0.760 image AUROC. The absolute image floor is
+    # lower than on the full category: a quarter of the training set holds fewer near-copies of the good
+    # test tiles, so good images score higher here.
+    assert img >= 0.84 and img >= paper_img + 0.05
+    assert pix >= 0.83 and pix >= paper_pix + 0.03
+    assert pro >= 0.74
 
 
 def test_accurate_preset_on_transistor(tmp_path):
-    """The ``accurate`` preset through the command line, on the full transistor category."""
+    """The ``accurate`` preset (joint levels, 10 % coreset) through the command line, on the full
+    transistor category."""
     root = _require(DATASETS / "mvtec_ad")
     exe = Path(sys.executable).with_name("spade-ad")
     cmd = [
@@ -131,5 +132,8 @@ def test_accurate_preset_on_transistor(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     t = json.loads((tmp_path / "r.json").read_text())["transistor"]
     print(f"transistor, preset accurate: image {t['image_auroc']:.4f} pixel {t['pixel_auroc']:.4f} PRO {t['pro']:.4f}")
-    # The Accuracy issue's bar for transistor.
-    assert t["image_auroc"] >= 0.95 and t["pixel_auroc"] >= 0.95 and t["pro"] >= 0.88
+    # Floors a little under the figures measured (docs/patchcore.md, 2026-11-30: 0.985 / 0.979 / 0.928),
+    # above the 2026-11-29 preset's 0.971 / 0.978 / 0.921 on image AUROC and PRO.
+    assert t["image_auroc"] >= 0.975 and t["pixel_auroc"] >= 0.97 and t["pro"] >= 0.924
+    cfg = json.loads((tmp_path / "r.json").read_text())["config"]
+    assert (cfg["joint_levels"], cfg["gallery"], cfg["coreset"]) == (True, "all", 0.1)
