@@ -182,3 +182,27 @@ def test_bad_options_are_refused(arrays, kwargs, message):
 def test_defaults_stay_the_paper():
     m = SPADE()
     assert (m.joint_levels, m.gallery, m.coreset) == (False, "knn", None)
+
+
+def test_cli_options_reach_the_model_and_explain_works(image_dirs, tmp_path):
+    from click.testing import CliRunner
+
+    from spade_ad.cli import main
+
+    train, test = image_dirs
+    out = tmp_path / "m.safetensors"
+    args = ["fit", str(train), "--out", str(out), "--image-size", "48", "--crop-size", "48", "--k", "2"]
+    flags = ["--levels", "2,3", "--joint-levels", "--pixel-gallery", "all", "--coreset", "0.3", "--coreset-seed", "5"]
+    r = CliRunner().invoke(main, args + flags)
+    assert r.exit_code == 0, r.output
+    m = SPADE.load(out)
+    assert (m.joint_levels, m.gallery, m.coreset, m.coreset_seed) == (True, "all", 0.3, 5)
+    r = CliRunner().invoke(main, ["predict", str(out), str(test), "--out", str(tmp_path / "o"), "--explain"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "o" / "explain" / "bad_0.png").is_file()
+    # A preset's gallery is kept unless --pixel-gallery is given.
+    r = CliRunner().invoke(main, [*args, "--preset", "accurate", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert SPADE.load(out).gallery == "all"
+    r = CliRunner().invoke(main, [*args, "--preset", "accurate", "--pixel-gallery", "knn", "--overwrite"])
+    assert r.exit_code == 2 and "coreset" in r.output  # the preset's coreset needs the gallery of every image
