@@ -103,10 +103,10 @@ def test_accurate_preset_beats_the_paper_on_magnetic_tile_subset(paper_on_magnet
     positions) against the paper on the same subset, through save and load."""
     img, pix, pro = _magnetic_subset_figures("accurate", tmp_path)
     paper_img, paper_pix, _ = paper_on_magnetic_subset
-    # Floors a little under the figures measured on this subset (docs/patchcore.md, 2026-11-30): image 0.864,
-    # pixel 0.856, PRO 0.763, against the paper settings' 0.760 image AUROC. The absolute image floor is
-    # lower than on the full category: a quarter of the training set holds fewer near-copies of the good
-    # test tiles, so good images score higher here.
+    # Floors a little under the figures measured on this subset (2026-11-30): image 0.865, pixel 0.856,
+    # PRO 0.760, against the paper settings' 0.760 / 0.753 / 0.774 (docs/patchcore.md). The absolute image
+    # floor is lower than on the full category: a quarter of the training set holds fewer near-copies of
+    # the good test tiles, so good images score higher here.
     assert img >= 0.84 and img >= paper_img + 0.05
     assert pix >= 0.83 and pix >= paper_pix + 0.03
     assert pro >= 0.74
@@ -132,8 +132,8 @@ def test_accurate_preset_on_transistor(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     t = json.loads((tmp_path / "r.json").read_text())["transistor"]
     print(f"transistor, preset accurate: image {t['image_auroc']:.4f} pixel {t['pixel_auroc']:.4f} PRO {t['pro']:.4f}")
-    # Floors a little under the figures measured (docs/patchcore.md, 2026-11-30: 0.985 / 0.979 / 0.928),
-    # above the 2026-11-29 preset's 0.971 / 0.978 / 0.921 on image AUROC and PRO.
-    assert t["image_auroc"] >= 0.975 and t["pixel_auroc"] >= 0.97 and t["pro"] >= 0.924
+    # Floors a little under the figures measured (docs/patchcore.md, 2026-11-30: 0.986 / 0.979 / 0.928);
+    # the image floor is above the 2026-11-29 preset's 0.971 (its pixel AUROC and PRO: 0.978 / 0.921).
+    assert t["image_auroc"] >= 0.975 and t["pixel_auroc"] >= 0.97 and t["pro"] >= 0.92
     cfg = json.loads((tmp_path / "r.json").read_text())["config"]
     assert (cfg["joint_levels"], cfg["gallery"], cfg["coreset"]) == (True, "all", 0.1)
