@@ -53,16 +53,16 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ),
 ] + [(f"preset: {name}", dict(params)) for name, params in PRESETS.items() if name != "paper"]
 
-#: PatchCore's options, each added to the 2026-11-29 accurate preset (docs/patchcore.md); these rows run alone.
-_OLD = PRESETS["accurate-2026-11-29"]
-_NEW = PRESETS["accurate"]
+#: PatchCore's options, each added to the accurate preset (docs/patchcore.md); these rows run alone.
+_OLD = PRESETS["accurate"]
+_NEW = PRESETS["joint-coreset"]
 ROWS += [
-    ("2026-11-29 preset + joint levels", {**_OLD, "joint_levels": True}),
-    ("2026-11-29 preset + gallery all, coreset 10%", {**_OLD, "gallery": "all", "coreset": 0.1}),
-    ("2026-11-29 preset + joint, gallery all (no coreset)", {**_OLD, "joint_levels": True, "gallery": "all"}),
-    ("accurate with coreset 1%", {**_NEW, "coreset": 0.01}),
-    ("accurate with patch_size=3, sigma 8", {**_NEW, "patch_size": 3, "sigma": 8.0}),
-    ("accurate with image score map_max", {**_NEW, "image_score": "map_max"}),
+    ("accurate + joint levels", {**_OLD, "joint_levels": True}),
+    ("accurate + gallery all, coreset 10%", {**_OLD, "gallery": "all", "coreset": 0.1}),
+    ("accurate + joint, gallery all (no coreset)", {**_OLD, "joint_levels": True, "gallery": "all"}),
+    ("joint-coreset with coreset 1%", {**_NEW, "coreset": 0.01}),
+    ("joint-coreset with patch_size=3, sigma 8", {**_NEW, "patch_size": 3, "sigma": 8.0}),
+    ("joint-coreset with image score map_max", {**_NEW, "image_score": "map_max"}),
 ]
 
 # Settings that change the features themselves; rows agreeing on these share one extraction.

@@ -201,8 +201,8 @@ def test_cli_options_reach_the_model_and_explain_works(image_dirs, tmp_path):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "o" / "explain" / "bad_0.png").is_file()
     # A preset's gallery is kept unless --pixel-gallery is given.
-    r = CliRunner().invoke(main, [*args, "--preset", "accurate", "--overwrite"])
+    r = CliRunner().invoke(main, [*args, "--preset", "joint-coreset", "--overwrite"])
     assert r.exit_code == 0, r.output
     assert SPADE.load(out).gallery == "all"
-    r = CliRunner().invoke(main, [*args, "--preset", "accurate", "--pixel-gallery", "knn", "--overwrite"])
+    r = CliRunner().invoke(main, [*args, "--preset", "joint-coreset", "--pixel-gallery", "knn", "--overwrite"])
     assert r.exit_code == 2 and "coreset" in r.output  # the preset's coreset needs the gallery of every image

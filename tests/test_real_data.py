@@ -99,22 +99,21 @@ def test_magnetic_tile_greyscale_variable_sizes(paper_on_magnetic_subset):
 
 
 def test_accurate_preset_beats_the_paper_on_magnetic_tile_subset(paper_on_magnetic_subset, tmp_path):
-    """The ``accurate`` preset (320 -> 280, joint levels, a 10 % coreset of every training image's
-    positions) against the paper on the same subset, through save and load."""
+    """The ``accurate`` preset (its own geometry, 320 -> 280) against the paper on the same subset."""
     img, pix, pro = _magnetic_subset_figures("accurate", tmp_path)
     paper_img, paper_pix, _ = paper_on_magnetic_subset
-    # Floors a little under the figures measured on this subset (2026-11-30): image 0.865, pixel 0.856,
-    # PRO 0.760, against the paper settings' 0.760 / 0.753 / 0.774 (docs/patchcore.md). The absolute image
-    # floor is lower than on the full category: a quarter of the training set holds fewer near-copies of
-    # the good test tiles, so good images score higher here.
-    assert img >= 0.84 and img >= paper_img + 0.05
-    assert pix >= 0.83 and pix >= paper_pix + 0.03
-    assert pro >= 0.74
+    # The preset's point on this data: clearly better image and pixel AUROC than the paper's settings.
+    # (Its PRO is about the paper's: see the README's accuracy section.) The absolute image floor is
+    # lower than the full category's 0.96: a quarter of the training set holds fewer near-copies of
+    # the good test tiles (the split leak the README describes), so good images score higher here;
+    # measured 0.857 on this subset against the paper settings' 0.760.
+    assert img >= 0.83 and img >= paper_img + 0.05
+    assert pix >= paper_pix + 0.03
+    assert pro >= 0.72
 
 
 def test_accurate_preset_on_transistor(tmp_path):
-    """The ``accurate`` preset (joint levels, 10 % coreset) through the command line, on the full
-    transistor category."""
+    """The ``accurate`` preset through the command line, on the full transistor category."""
     root = _require(DATASETS / "mvtec_ad")
     exe = Path(sys.executable).with_name("spade-ad")
     cmd = [
@@ -132,8 +131,48 @@ def test_accurate_preset_on_transistor(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     t = json.loads((tmp_path / "r.json").read_text())["transistor"]
     print(f"transistor, preset accurate: image {t['image_auroc']:.4f} pixel {t['pixel_auroc']:.4f} PRO {t['pro']:.4f}")
+    # The Accuracy issue's bar for transistor.
+    assert t["image_auroc"] >= 0.95 and t["pixel_auroc"] >= 0.95 and t["pro"] >= 0.88
+
+
+def test_joint_coreset_preset_beats_the_paper_on_magnetic_tile_subset(paper_on_magnetic_subset, tmp_path):
+    """The ``joint-coreset`` preset (320 -> 280, joint levels, a 10 % coreset of every training image's
+    positions) against the paper on the same subset, through save and load."""
+    img, pix, pro = _magnetic_subset_figures("joint-coreset", tmp_path)
+    paper_img, paper_pix, _ = paper_on_magnetic_subset
+    # Floors a little under the figures measured on this subset (2026-11-30): image 0.865, pixel 0.856,
+    # PRO 0.760, against the paper settings' 0.760 / 0.753 / 0.774 (docs/patchcore.md). The absolute image
+    # floor is lower than on the full category: a quarter of the training set holds fewer near-copies of
+    # the good test tiles, so good images score higher here.
+    assert img >= 0.84 and img >= paper_img + 0.05
+    assert pix >= 0.83 and pix >= paper_pix + 0.03
+    assert pro >= 0.74
+
+
+def test_joint_coreset_preset_on_transistor(tmp_path):
+    """The ``joint-coreset`` preset (joint levels, 10 % coreset) through the command line, on the full
+    transistor category."""
+    root = _require(DATASETS / "mvtec_ad")
+    exe = Path(sys.executable).with_name("spade-ad")
+    cmd = [
+        str(exe) if exe.exists() else "spade-ad",
+        "evaluate",
+        str(root),
+        "--category",
+        "transistor",
+        "--preset",
+        "joint-coreset",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    t = json.loads((tmp_path / "r.json").read_text())["transistor"]
+    print(
+        f"transistor, preset joint-coreset: image {t['image_auroc']:.4f} pixel {t['pixel_auroc']:.4f} PRO {t['pro']:.4f}"
+    )
     # Floors a little under the figures measured (docs/patchcore.md, 2026-11-30: 0.986 / 0.979 / 0.928);
-    # the image floor is above the 2026-11-29 preset's 0.971 (its pixel AUROC and PRO: 0.978 / 0.921).
+    # the image floor is above the accurate preset's 0.971 (its pixel AUROC and PRO: 0.978 / 0.921).
     assert t["image_auroc"] >= 0.975 and t["pixel_auroc"] >= 0.97 and t["pro"] >= 0.92
     cfg = json.loads((tmp_path / "r.json").read_text())["config"]
     assert (cfg["joint_levels"], cfg["gallery"], cfg["coreset"]) == (True, "all", 0.1)
