@@ -112,8 +112,8 @@ def test_accurate_preset_beats_the_paper_on_magnetic_tile_subset(paper_on_magnet
     assert pro >= 0.72
 
 
-def test_accurate_preset_on_transistor(tmp_path):
-    """The ``accurate`` preset through the command line, on the full transistor category."""
+def _transistor_preset_via_cli(preset: str, tmp_path: Path) -> dict:
+    """``spade-ad evaluate`` with a preset on the full transistor category; its JSON document."""
     root = _require(DATASETS / "mvtec_ad")
     exe = Path(sys.executable).with_name("spade-ad")
     cmd = [
@@ -123,14 +123,21 @@ def test_accurate_preset_on_transistor(tmp_path):
         "--category",
         "transistor",
         "--preset",
-        "accurate",
+        preset,
         "--json",
         str(tmp_path / "r.json"),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    t = json.loads((tmp_path / "r.json").read_text())["transistor"]
-    print(f"transistor, preset accurate: image {t['image_auroc']:.4f} pixel {t['pixel_auroc']:.4f} PRO {t['pro']:.4f}")
+    res = json.loads((tmp_path / "r.json").read_text())
+    t = res["transistor"]
+    print(f"transistor, preset {preset}: image {t['image_auroc']:.4f} pixel {t['pixel_auroc']:.4f} PRO {t['pro']:.4f}")
+    return res
+
+
+def test_accurate_preset_on_transistor(tmp_path):
+    """The ``accurate`` preset through the command line, on the full transistor category."""
+    t = _transistor_preset_via_cli("accurate", tmp_path)["transistor"]
     # The Accuracy issue's bar for transistor.
     assert t["image_auroc"] >= 0.95 and t["pixel_auroc"] >= 0.95 and t["pro"] >= 0.88
 
@@ -152,27 +159,10 @@ def test_joint_coreset_preset_beats_the_paper_on_magnetic_tile_subset(paper_on_m
 def test_joint_coreset_preset_on_transistor(tmp_path):
     """The ``joint-coreset`` preset (joint levels, 10 % coreset) through the command line, on the full
     transistor category."""
-    root = _require(DATASETS / "mvtec_ad")
-    exe = Path(sys.executable).with_name("spade-ad")
-    cmd = [
-        str(exe) if exe.exists() else "spade-ad",
-        "evaluate",
-        str(root),
-        "--category",
-        "transistor",
-        "--preset",
-        "joint-coreset",
-        "--json",
-        str(tmp_path / "r.json"),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    t = json.loads((tmp_path / "r.json").read_text())["transistor"]
-    print(
-        f"transistor, preset joint-coreset: image {t['image_auroc']:.4f} pixel {t['pixel_auroc']:.4f} PRO {t['pro']:.4f}"
-    )
+    res = _transistor_preset_via_cli("joint-coreset", tmp_path)
+    t = res["transistor"]
     # Floors a little under the figures measured (docs/patchcore.md, 2026-11-30: 0.986 / 0.979 / 0.928);
     # the image floor is above the accurate preset's 0.971 (its pixel AUROC and PRO: 0.978 / 0.921).
     assert t["image_auroc"] >= 0.975 and t["pixel_auroc"] >= 0.97 and t["pro"] >= 0.92
-    cfg = json.loads((tmp_path / "r.json").read_text())["config"]
+    cfg = res["config"]
     assert (cfg["joint_levels"], cfg["gallery"], cfg["coreset"]) == (True, "all", 0.1)
