@@ -28,7 +28,7 @@ from spade_ad import SPADE
 from spade_ad import distributed as D
 from spade_ad.bank import FeatureBank, StreamingModelFile, load_model_file, save_model_file
 from spade_ad.data import load_mvtec
-from spade_ad.errors import DatasetError
+from spade_ad.errors import DatasetError, SpadeError
 from spade_ad.evaluate import evaluate_dataset
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -306,3 +306,10 @@ def test_sources_walk_sub_folders_like_predict(toy_mvtec):
     assert [p.removeprefix(f"file://{test}/") for p in uri] == ["good/000.png", "square/000.png", "square/001.png"]
     with pytest.raises(DatasetError, match="contains no images"):
         expand_sources([test])
+
+
+def test_ray_fit_refuses_the_gallery_of_every_image(toy_mvtec, tmp_path):
+    # Checked before Ray starts: the coreset needs the whole bank, which the streamed fit never holds.
+    with pytest.raises(SpadeError, match="gallery='all' is not available with the Ray engine"):
+        D.fit(toy_mvtec / "train" / "good", tmp_path / "m.spade", {"gallery": "all", "coreset": 0.5})
+    assert not (tmp_path / "m.spade").exists()

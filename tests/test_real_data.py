@@ -103,8 +103,8 @@ def test_accurate_preset_beats_the_paper_on_magnetic_tile_subset(paper_on_magnet
     assert pro >= 0.72
 
 
-def test_accurate_preset_on_transistor(tmp_path):
-    """The ``accurate`` preset through the command line, on the full transistor category."""
+def _transistor_preset_via_cli(preset: str, tmp_path: Path) -> dict:
+    """``spade-ad evaluate`` with a preset on the full transistor category; its JSON document."""
     root = require_dataset(DATASETS / "mvtec_ad")
     exe = Path(sys.executable).with_name("spade-ad")
     cmd = [
@@ -114,13 +114,46 @@ def test_accurate_preset_on_transistor(tmp_path):
         "--category",
         "transistor",
         "--preset",
-        "accurate",
+        preset,
         "--json",
         str(tmp_path / "r.json"),
     ]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    t = json.loads((tmp_path / "r.json").read_text())["transistor"]
-    print(f"transistor, preset accurate: image {t['image_auroc']:.4f} pixel {t['pixel_auroc']:.4f} PRO {t['pro']:.4f}")
+    res = json.loads((tmp_path / "r.json").read_text())
+    t = res["transistor"]
+    print(f"transistor, preset {preset}: image {t['image_auroc']:.4f} pixel {t['pixel_auroc']:.4f} PRO {t['pro']:.4f}")
+    return res
+
+
+def test_accurate_preset_on_transistor(tmp_path):
+    """The ``accurate`` preset through the command line, on the full transistor category."""
+    t = _transistor_preset_via_cli("accurate", tmp_path)["transistor"]
     # The Accuracy issue's bar for transistor.
     assert t["image_auroc"] >= 0.95 and t["pixel_auroc"] >= 0.95 and t["pro"] >= 0.88
+
+
+def test_joint_coreset_preset_beats_the_paper_on_magnetic_tile_subset(paper_on_magnetic_subset, tmp_path):
+    """The ``joint-coreset`` preset (320 -> 280, joint levels, a 10 % coreset of every training image's
+    positions) against the paper on the same subset, through save and load."""
+    img, pix, pro = _magnetic_subset_figures("joint-coreset", tmp_path)
+    paper_img, paper_pix, _ = paper_on_magnetic_subset
+    # Floors a little under the figures measured on this subset (2026-11-30): image 0.865, pixel 0.856,
+    # PRO 0.760, against the paper settings' 0.760 / 0.753 / 0.774 (docs/patchcore.md). The absolute image
+    # floor is lower than on the full category: a quarter of the training set holds fewer near-copies of
+    # the good test tiles, so good images score higher here.
+    assert img >= 0.84 and img >= paper_img + 0.05
+    assert pix >= 0.83 and pix >= paper_pix + 0.03
+    assert pro >= 0.74
+
+
+def test_joint_coreset_preset_on_transistor(tmp_path):
+    """The ``joint-coreset`` preset (joint levels, 10 % coreset) through the command line, on the full
+    transistor category."""
+    res = _transistor_preset_via_cli("joint-coreset", tmp_path)
+    t = res["transistor"]
+    # Floors a little under the figures measured (docs/patchcore.md, 2026-11-30: 0.986 / 0.979 / 0.928);
+    # the image floor is above the accurate preset's 0.971 (its pixel AUROC and PRO: 0.978 / 0.921).
+    assert t["image_auroc"] >= 0.975 and t["pixel_auroc"] >= 0.97 and t["pro"] >= 0.92
+    cfg = res["config"]
+    assert (cfg["joint_levels"], cfg["gallery"], cfg["coreset"]) == (True, "all", 0.1)

@@ -97,12 +97,26 @@ class FeatureBank:
 
     ``global_``: (N, D) float32; ``levels``: per pyramid level (N, h, w, C), float32 or float16
     (``bank_dtype``), in memory or a :class:`MappedLevel`; ``paths``: the N training image names, in
-    bank order (neighbour indices refer to it).
+    bank order (neighbour indices refer to it). ``coresets``: per level, None or the (M,) int64 flat
+    positions ``(image * h + y) * w + x`` kept in the ``gallery="all"`` memory (see :meth:`memory`).
     """
 
     global_: torch.Tensor
     levels: list[Level]
     paths: list[str]
+    coresets: list[torch.Tensor] | None = None
+
+    def memory(self, level: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ``gallery="all"`` memory of one level: (every kept pixel feature as float32 (M, C), their
+        flat positions (M,), or None when every position is kept). Gathered once and cached."""
+        cache = self.__dict__.setdefault("_memory", {})
+        if level not in cache:
+            lv = self.levels[level]
+            full = lv.materialize() if isinstance(lv, MappedLevel) else lv
+            flat = full.reshape(-1, full.shape[-1])
+            keep = None if self.coresets is None else self.coresets[level]
+            cache[level] = ((flat if keep is None else flat[keep]).to(torch.float32), keep)
+        return cache[level]
 
     def __len__(self) -> int:
         return int(self.global_.shape[0])
@@ -128,6 +142,8 @@ class FeatureBank:
         out = {"global": self.global_}
         for i, lv in enumerate(self.levels):
             out[f"level{i}"] = lv.materialize() if isinstance(lv, MappedLevel) else lv
+        for i, keep in enumerate(self.coresets or []):
+            out[f"coreset{i}"] = keep
         return out
 
 
@@ -256,15 +272,31 @@ def load_model_file(path: str | os.PathLike, mmap: bool = False) -> tuple[Featur
         paths = json.loads(meta["train_files"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise ModelFileError(f"{p}: configuration header is missing or not valid JSON ({exc})") from None
-    n_levels = len(config.get("levels", ()))
-    missing = [k for k in ["global", *(f"level{i}" for i in range(n_levels))] if k not in tensors]
+    # Joint features are one concatenated level; a coreset is one index tensor per level.
+    n_levels = 1 if config.get("joint_levels") else len(config.get("levels", ()))
+    names = ["global", *(f"level{i}" for i in range(n_levels))]
+    if config.get("coreset") is not None:
+        names += [f"coreset{i}" for i in range(n_levels)]
+    missing = [k for k in names if k not in tensors]
     if missing:
         raise ModelFileError(f"{p}: missing tensors {missing}")
-    # Only level tensors are ever left mapped; the global features are always read into memory.
-    bank = FeatureBank(cast(torch.Tensor, tensors["global"]), [tensors[f"level{i}"] for i in range(n_levels)], paths)
+    coresets = None
+    if config.get("coreset") is not None:  # never mapped: only "level*" tensors stay in the file
+        coresets = [cast(torch.Tensor, tensors[f"coreset{i}"]) for i in range(n_levels)]
+    bank = FeatureBank(
+        cast(torch.Tensor, tensors["global"]), [tensors[f"level{i}"] for i in range(n_levels)], paths, coresets
+    )
     n = len(bank)
     if len(paths) != n or any(lv.shape[0] != n for lv in bank.levels):
         raise ModelFileError(f"{p}: inconsistent bank: {n} global features, {len(paths)} file names")
+    for i, keep in enumerate(coresets or []):
+        size = bank.levels[i].shape[:3].numel()
+        if (
+            keep.dtype != torch.int64
+            or keep.ndim != 1
+            or (len(keep) and not 0 <= int(keep.min()) <= int(keep.max()) < size)
+        ):
+            raise ModelFileError(f"{p}: coreset{i} is not a list of positions of level {i}")
     return bank, config
 
 

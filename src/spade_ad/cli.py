@@ -189,6 +189,28 @@ def model_options(f: Callable) -> Callable:
             show_default=True,
             help="Storage of the pixel features in the model (float16 halves it).",
         ),
+        click.option(
+            "--joint-levels/--separate-levels",
+            default=False,
+            show_default=True,
+            help="Concatenate the levels on the finest grid and match them together (opt-in, as PatchCore).",
+        ),
+        click.option(
+            "--pixel-gallery",
+            type=click.Choice(["knn", "all"]),
+            default="knn",
+            show_default=True,
+            help="Pixel gallery: the k nearest images (paper) or every training image (opt-in, as PatchCore).",
+        ),
+        click.option(
+            "--coreset",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=None,
+            help="With --gallery all: keep this fraction of the positions (greedy k-center, seeded).",
+        ),
+        click.option(
+            "--coreset-seed", type=int, default=0, show_default=True, help="Seed of the coreset's first position."
+        ),
     ]
     return _with_options(opts)(f)
 
@@ -265,7 +287,15 @@ _MODEL_KEYS = (
     "runtime",
     "export_dir",
     "device",
+    "joint_levels",
+    "gallery",
+    "coreset",
+    "coreset_seed",
 )
+
+
+#: SPADE parameters whose command-line option has another name (``--gallery`` is the report's).
+_CLI_NAMES = {"gallery": "pixel_gallery"}
 
 
 def _make_model(opts: dict[str, Any], progress: bool = True, cls: type[SPADE] = SPADE, **extra: Any) -> SPADE:
@@ -276,7 +306,11 @@ def _make_model(opts: dict[str, Any], progress: bool = True, cls: type[SPADE] = 
     def given(key: str) -> bool:
         return ctx is None or ctx.get_parameter_source(key) is not click.core.ParameterSource.DEFAULT
 
-    overrides = {key: opts[key] for key in _MODEL_KEYS if key not in preset or given(key)}
+    overrides = {
+        key: opts[_CLI_NAMES.get(key, key)]
+        for key in _MODEL_KEYS
+        if key not in preset or given(_CLI_NAMES.get(key, key))
+    }
     return cls.from_preset(opts["preset"], progress=progress, **overrides, **extra)
 
 

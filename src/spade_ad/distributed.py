@@ -538,6 +538,10 @@ def fit(
     params = dict(params or {})
     model = SPADE(**params)
     model._validate()
+    if model.gallery != "knn":
+        # The gallery of every image (and its coreset) is chosen from the whole bank at once, which the
+        # streamed fit never holds.
+        raise SpadeError(f"gallery={model.gallery!r} is not available with the Ray engine yet; fit it locally")
     names = expand_sources([train] if isinstance(train, (str, os.PathLike)) else train)
     n, dtype = len(names), BANK_DTYPES[model.bank_dtype]
     connect(address)

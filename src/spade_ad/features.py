@@ -71,6 +71,20 @@ def check_finite(global_: torch.Tensor, levels: Sequence[torch.Tensor], names: S
         raise FeatureError(f"{names[i]}: features contain NaN or infinite values (check the image data)")
 
 
+def joint_levels(levels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(N, sum C, h, w): the (N, C, h, w) levels bilinearly upsampled (align_corners=False, as PatchCore)
+    to the largest grid among them and concatenated in the given order, so that one vector per position
+    holds every scale and a match must hold at all of them at once."""
+    h, w = max((lv.shape[-2], lv.shape[-1]) for lv in levels)
+    return torch.cat(
+        [
+            lv if lv.shape[-2:] == (h, w) else F.interpolate(lv, size=(h, w), mode="bilinear", align_corners=False)
+            for lv in levels
+        ],
+        dim=1,
+    )
+
+
 def extract_features(
     backbone: Backbone | Callable[[torch.Tensor], tuple[torch.Tensor, list[Any]]],
     items: Sequence[ImageLike],
@@ -81,12 +95,14 @@ def extract_features(
     progress: bool = False,
     desc: str = "features",
     patch_size: int = 1,
+    joint: bool = False,
 ) -> Features:
     """Backbone features for ``items`` (paths or arrays): global vectors and the chosen levels.
 
     ``patch_size`` > 1 averages every pixel feature over its patch_size x patch_size neighbourhood
     (stride 1, borders averaged over the pixels that exist), as PatchCore's locally aware features;
-    1 is the paper's plain per-pixel feature.
+    1 is the paper's plain per-pixel feature. ``joint``: one level only, the chosen levels upsampled
+    to the finest one's grid and concatenated (see :func:`joint_levels`).
     """
     n = len(items)
     g_out: torch.Tensor | None = None
@@ -100,6 +116,8 @@ def extract_features(
                     F.avg_pool2d(lv, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)
                     for lv in chosen
                 ]
+            if joint:
+                chosen = [joint_levels(chosen)]
             chosen = [lv.permute(0, 2, 3, 1) for lv in chosen]
             check_finite(g, chosen, names[start : start + x.shape[0]])
             if g_out is None:

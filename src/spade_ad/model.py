@@ -46,6 +46,7 @@ from .thresholds import (
 )
 
 IMAGE_SCORES = ("knn", "map_max", "knn*map_max")
+GALLERIES = ("knn", "all")
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 #: Entries of the change history a model keeps (older ones are dropped; the audit log keeps everything).
 HISTORY_LENGTH = 50
@@ -162,6 +163,19 @@ class SPADE:
         traced from the torch backbone at first use). Not saved.
     device
         ``"cpu"``, ``"cuda"`` or ``"auto"`` for extraction and the pixel search (torch runtime). Not saved.
+    joint_levels
+        False (the paper: each level matched on its own, maps averaged) or True (opt-in, as
+        PatchCore/PaDiM: the levels upsampled to the finest one's grid and concatenated after the
+        ``patch_size`` averaging, so one match must hold at every scale; one map).
+    gallery
+        ``"knn"`` (the paper: the pixel features of the ``k`` nearest normal images) or ``"all"``
+        (opt-in, as PatchCore: every training image's pixel features, or their coreset).
+    coreset
+        None (keep every position) or a fraction in (0, 1]: with ``gallery="all"``, keep that
+        fraction of the positions, chosen by greedy k-center (:mod:`spade_ad.coreset`) seeded with
+        ``coreset_seed``; the choice is saved with the model.
+    coreset_seed
+        seed of the coreset's first position (and of its random projection).
     """
 
     def __init__(
@@ -187,6 +201,10 @@ class SPADE:
         runtime: str = "torch",
         export_dir: str | os.PathLike | None = None,
         device: str = "cpu",
+        joint_levels: bool = False,
+        gallery: str = "knn",
+        coreset: float | None = None,
+        coreset_seed: int = 0,
     ) -> None:
         self.backbone = backbone
         self.k = k
@@ -209,6 +227,10 @@ class SPADE:
         self.runtime = runtime
         self.export_dir = export_dir
         self.device = device
+        self.joint_levels = joint_levels
+        self.gallery = gallery
+        self.coreset = coreset
+        self.coreset_seed = coreset_seed
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> SPADE:
@@ -260,6 +282,20 @@ class SPADE:
             raise SpadeError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.bank_dtype not in BANK_DTYPES:
             raise SpadeError(f"bank_dtype must be one of {', '.join(BANK_DTYPES)}, got {self.bank_dtype!r}")
+        if not isinstance(self.joint_levels, bool):
+            raise SpadeError(f"joint_levels must be True or False, got {self.joint_levels!r}")
+        if self.gallery not in GALLERIES:
+            raise SpadeError(f"gallery must be one of {', '.join(GALLERIES)}, got {self.gallery!r}")
+        if self.gallery == "all" and self.window is not None:
+            raise SpadeError("window search compares each image with its own K neighbours: it needs gallery='knn'")
+        if self.coreset is not None:
+            if self.gallery != "all":
+                raise SpadeError("coreset subsamples the gallery of every training image: it needs gallery='all'")
+            c = self.coreset
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
+                raise SpadeError(f"coreset must be None or a fraction in (0, 1], got {c!r}")
+        if not isinstance(self.coreset_seed, (int, np.integer)) or isinstance(self.coreset_seed, bool):
+            raise SpadeError(f"coreset_seed must be an integer, got {self.coreset_seed!r}")
 
     @property
     def _prep(self) -> Preprocessing:
@@ -313,6 +349,7 @@ class SPADE:
             self.progress,
             desc,
             patch_size=self.patch_size,
+            joint=self.joint_levels,
         )
         return feats, names
 
@@ -348,6 +385,8 @@ class SPADE:
             )
         dtype = BANK_DTYPES[self.bank_dtype]
         self.bank_ = FeatureBank(feats.global_, [lv.to(dtype) for lv in feats.levels], names)
+        if self.coreset is not None:
+            self.bank_.coresets = [self._select_coreset(lv) for lv in feats.levels]
         self.k_ = min(self.k, n)
         self.image_k_ = min(self.image_k or self.k, n)
         self.weights_sha256_ = self._get_backbone().weights_sha256
@@ -366,6 +405,15 @@ class SPADE:
         self.bank_, self.k_, self.image_k_ = bank, min(self.k, n), min(self.image_k or self.k, n)
         self.weights_sha256_, self.thresholds_ = weights_sha256, None
         return self
+
+    def _select_coreset(self, level: torch.Tensor) -> torch.Tensor:
+        """Flat positions (M,) kept of one level's (N, h, w, C) features (greedy k-center, seeded)."""
+        from .coreset import coreset_size, greedy_kcenter, project
+
+        flat = level.reshape(-1, level.shape[-1])
+        assert self.coreset is not None
+        x = project(flat, self.coreset_seed)
+        return greedy_kcenter(x, coreset_size(len(flat), self.coreset), seed=self.coreset_seed)
 
     def calibrate(
         self,
@@ -433,6 +481,7 @@ class SPADE:
                     self.batch_size,
                     progress=False,
                     patch_size=self.patch_size,
+                    joint=self.joint_levels,
                 )
                 knn_score, nb, dist2 = self._knn(feats.global_)
                 neighbors[start:stop] = nb.numpy()
@@ -498,6 +547,17 @@ class SPADE:
         for i, test_lv in enumerate(test_levels):
             h, w, c = test_lv.shape
             level = level_index[i] if level_index else i
+            if self.gallery == "all":
+                # Every training image's features (or their coreset); sources are flat positions
+                # (image * h + y) * w + x in the whole bank, not ranks among the neighbours. On the CPU.
+                memory, keep = self.bank_.memory(level)
+                if with_source or self.kappa == 1:
+                    d, idx = nearest_neighbors(test_lv.reshape(-1, c), memory, self.precision)
+                    sources.append((idx if keep is None else keep[idx]).reshape(h, w))
+                else:
+                    d = nearest_distances(test_lv.reshape(-1, c), memory, self.kappa, self.precision)
+                maps.append(d.reshape(h, w))
+                continue
             # A GPU (device="cuda"/"auto" with one) runs the kappa = 1 search; kappa > 1 stays on the CPU.
             on_device = self.device != "cpu" and self.kappa == 1 and resolve_device(self.device).type != "cpu"
             gallery = self._device_gallery(level, neighbors) if on_device else self.bank_.gallery(level, neighbors)
@@ -551,7 +611,8 @@ class SPADE:
         self._validate()
         feats, names = self._extract(images, "explain")
         knn_score, nb, dist2 = self._knn(feats.global_)  # the same search (and cached norms) as predict
-        finest = int(np.argmin(self.levels))  # smallest level number = smallest stride
+        # Smallest level number = smallest stride; joint features are one level on the finest grid.
+        finest = 0 if self.joint_levels else int(np.argmin(self.levels))
         out = []
         for i, name in enumerate(names):
             test_lv = feats.levels[finest][i]
@@ -559,6 +620,8 @@ class SPADE:
             h, w, _ = test_lv.shape
             flat = sources[0]
             rank, rest = flat // (h * w), flat % (h * w)
+            # gallery "all": the position is in the whole bank, so its image index is the training index.
+            source = rank if self.gallery == "all" else nb[i][rank]
             out.append(
                 Explanation(
                     name=name,
@@ -566,7 +629,7 @@ class SPADE:
                     neighbors=nb[i].numpy().astype(np.int64),
                     neighbor_sq_distances=dist2[i],
                     level=int(self.levels[finest]),
-                    source_image=nb[i][rank].numpy().astype(np.int64),
+                    source_image=source.numpy().astype(np.int64),
                     source_y=(rest // w).numpy().astype(np.int64),
                     source_x=(rest % w).numpy().astype(np.int64),
                     distance=maps[0].numpy(),
@@ -711,6 +774,10 @@ class SPADE:
             "window": None if self.window is None else int(self.window),
             "bank_dtype": self.bank_dtype,
             "runtime": self.runtime,  # the default runtime only: any runtime scores the model the same
+            "joint_levels": bool(self.joint_levels),
+            "gallery": self.gallery,
+            "coreset": None if self.coreset is None else float(self.coreset),
+            "coreset_seed": int(self.coreset_seed),
             "preprocessing": {
                 "image_size": int(self.image_size),
                 "crop_size": int(self.crop_size),
@@ -774,6 +841,10 @@ class SPADE:
                 runtime=runtime if runtime is not None else cfg.get("runtime", "torch"),
                 export_dir=export_dir,
                 device=device,
+                joint_levels=cfg.get("joint_levels", False),
+                gallery=cfg.get("gallery", "knn"),
+                coreset=cfg.get("coreset"),
+                coreset_seed=cfg.get("coreset_seed", 0),
             )
             expected_sha = cfg["weights_sha256"]
         except (KeyError, TypeError) as exc:
@@ -784,6 +855,8 @@ class SPADE:
             raise ModelFileError(f"{path}: invalid configuration: {exc}") from None
         info = backbone_info(model.backbone)
         chans = tuple(info.channels[lv - 1] for lv in model.levels)
+        if model.joint_levels:
+            chans = (sum(chans),)
         if bank.global_.shape[1] != info.global_dim or tuple(lv.shape[-1] for lv in bank.levels) != chans:
             raise ModelFileError(f"{path}: feature sizes do not match backbone {model.backbone}")
         if any(lv.dtype != BANK_DTYPES[model.bank_dtype] for lv in bank.levels):
