@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from conftest import DATASETS, require_dataset  # tests/ is on sys.path (pytest rootdir conftest)
 from ray.cluster_utils import Cluster
 
 from spade_ad import SPADE
@@ -31,18 +32,11 @@ from spade_ad.data import load_mvtec
 from spade_ad.errors import DatasetError, SpadeError
 from spade_ad.evaluate import evaluate_dataset
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 TRANSISTOR = DATASETS / "mvtec_ad" / "transistor"
 SRC = Path(__file__).resolve().parents[1] / "src"
 RTOL = 1e-4
 
 pytestmark = pytest.mark.slow
-
-
-def _require(path: Path) -> Path:
-    if not path.is_dir():
-        pytest.fail(f"real dataset missing at {path} (see ../shared/datasets/README.md)")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +62,7 @@ K = 5
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Single-process evaluation of transistor (model file, prediction, metrics): what Ray must equal."""
-    ds = load_mvtec(_require(DATASETS / "mvtec_ad"), "transistor")
+    ds = load_mvtec(require_dataset(DATASETS / "mvtec_ad"), "transistor")
     result = evaluate_dataset(ds, lambda: SPADE(k=K))
     model = result.model.save(tmp_path_factory.mktemp("reference") / "transistor.spade")
     test_paths = [str(t.path) for t in ds.test]
