@@ -50,6 +50,10 @@ MAX_BATCH_IMAGES = 4
 BENT = TRANSISTOR / "test" / "bent_lead" / "000.png"
 TEST_IMAGES = [BENT, TRANSISTOR / "test" / "good" / "000.png", TRANSISTOR / "test" / "damaged_case" / "002.png"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two cores shared with other work: keep servers on one thread
+#: SPADE_AD_TEST_RUNTIME=openvino (or onnxruntime) runs these same tests with the servers, the CLI and the
+#: in-process reference models all on that backbone runtime; unset, the model's own (torch).
+RUNTIME = os.environ.get("SPADE_AD_TEST_RUNTIME") or None
+RUNTIME_ARGS = ["--runtime", RUNTIME] if RUNTIME else []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,7 +72,7 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def model(model_file: Path) -> SPADE:
     """The same model, loaded in the test process, to compare the service's answers with."""
-    return SPADE.load(model_file)
+    return SPADE.load(model_file, runtime=RUNTIME)
 
 
 def _free_port() -> int:
@@ -124,6 +128,7 @@ def _serve_process(model_file: Path, folder: Path, *options: str) -> Iterator[Se
         "1",
         "--log-level",
         "warning",
+        *RUNTIME_ARGS,
         *options,
     ]
     with open(log, "w") as out:
@@ -247,6 +252,7 @@ def test_score_matches_cli_predict(server: Server, model: SPADE, model_file: Pat
             "--out",
             str(out),
             "--no-overlays",
+            *RUNTIME_ARGS,
         ],
         capture_output=True,
         text=True,
@@ -606,7 +612,7 @@ def test_flood_gets_503_not_a_crash(model_file: Path, tmp_path: Path):
 
 def test_timeout_answers_504_and_drops_the_waiting_image(model_file: Path):
     torch.set_num_threads(1)
-    slow = SPADE.load(model_file)
+    slow = SPADE.load(model_file, runtime=RUNTIME)
     real_predict = slow.predict
 
     def predict_slowly(images: list[np.ndarray]) -> object:
@@ -632,7 +638,9 @@ def test_timeout_answers_504_and_drops_the_waiting_image(model_file: Path):
 
 def test_micro_batching_groups_concurrent_requests_with_unchanged_scores(model: SPADE, model_file: Path):
     torch.set_num_threads(1)
-    app = create_app(SPADE.load(model_file), ServiceSettings(max_batch=8, batch_wait_ms=1500, warmup=False))
+    app = create_app(
+        SPADE.load(model_file, runtime=RUNTIME), ServiceSettings(max_batch=8, batch_wait_ms=1500, warmup=False)
+    )
     paths = [*TEST_IMAGES, TRANSISTOR / "test" / "cut_lead" / "000.png"]
     label = {p: f"{p.parent.name}_{p.name}" for p in paths}  # unique upload names (the stems repeat)
     expected = {label[p]: float(model.predict([str(p)]).image_scores[0]) for p in paths}
