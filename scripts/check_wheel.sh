@@ -8,9 +8,13 @@ trap 'rm -rf "$work"' EXIT
 .venv/bin/python -m build --sdist --wheel --outdir "$work/dist" . >"$work/build.log" 2>&1 || { tail -30 "$work/build.log"; exit 1; }
 wheel=$(ls "$work"/dist/*.whl)
 ls "$work"/dist/*.tar.gz >/dev/null
-# The bundled sample and the type marker must be in the wheel.
-unzip -l "$wheel" | grep -q "spade_ad/datasets/mvtec_sample/transistor/train/good/000.png"
-unzip -l "$wheel" | grep -q "spade_ad/py.typed" || { echo "py.typed missing from $wheel"; exit 1; }
+# The bundled sample and the type marker must be in the wheel. (The listing is read whole first: with
+# pipefail, `unzip -l | grep -q` fails whenever grep stops reading early.)
+listing=$(unzip -l "$wheel")
+for member in spade_ad/datasets/mvtec_sample/transistor/train/good/000.png spade_ad/datasets/mvtec_sample/license.txt \
+    spade_ad/py.typed; do
+    grep -qF "$member" <<<"$listing" || { echo "$member missing from $wheel"; exit 1; }
+done
 python3 -m venv "$work/venv"
 "$work/venv/bin/pip" install -q "$wheel"
 cd "$work"  # away from the source tree
