@@ -17,25 +17,17 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import torch
+from bench_service import serve  # benchmarks/ is on sys.path when this script runs
 
 from spade_ad import SPADE
 from spade_ad.thresholds import split_holdout
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -91,19 +83,8 @@ def main() -> None:
         model_file = m.save(Path(tmp) / "live.spade")
         token = Path(tmp) / "token"
         token.write_text(os.urandom(24).hex())
-        port = _free_port()
-        cmd = [sys.executable, "-m", "spade_ad.cli", "serve", str(model_file), "--port", str(port)]
-        cmd += ["--admin-token-file", str(token), "--log-level", "warning", "--admin-max-per-minute", "1000"]
-        proc = subprocess.Popen(cmd)
-        try:
-            base_url = f"http://127.0.0.1:{port}"
-            for _ in range(600):
-                try:
-                    if httpx.get(base_url + "/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
+        options = ["--admin-token-file", str(token), "--admin-max-per-minute", "1000"]
+        with serve(model_file, *options) as (base_url, _):  # bench_service's server, ready on a free port
             headers = {"Content-Type": "image/png", "Authorization": f"Bearer {token.read_text()}"}
             adds, scores = [], []
             for path in bent[1 : 1 + args.repeat]:
@@ -121,9 +102,6 @@ def main() -> None:
                 f"then POST /v1/score of the same image {statistics.median(scores):.3f} s, score 0; "
                 f"medians of {args.repeat}"
             )
-        finally:
-            proc.terminate()
-            proc.wait(30)
 
 
 if __name__ == "__main__":
