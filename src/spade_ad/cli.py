@@ -484,6 +484,8 @@ def predict(
 
         if explain or not mmap:
             raise click.UsageError("--explain and --no-mmap are not available with --engine ray")
+        if where.get("device") not in (None, "cpu"):
+            raise click.UsageError("--device is not available with --engine ray: its workers run on the CPU")
         run = distributed.predict(
             model_path,
             [str(p) for p in images],
@@ -495,6 +497,8 @@ def predict(
             segment_above=segment_above,
             overwrite=overwrite,
             recursive=recursive,
+            runtime=where.get("runtime"),
+            export_dir=where.get("export_dir"),
         )
         for _, error in run.failures:
             click.echo(f"failed: {error}", err=True)

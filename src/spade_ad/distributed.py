@@ -221,9 +221,11 @@ class Scorer:
         segment_above: float | None,
         return_maps: bool,
         cpus: float,
+        runtime: str | None = None,
+        export_dir: str | None = None,
     ) -> None:
         _set_threads(cpus)
-        self.model = SPADE.load(model_path, weights=weights, mmap=True)
+        self.model = SPADE.load(model_path, weights=weights, mmap=True, runtime=runtime, export_dir=export_dir)
         if model_sha256(model_path) != sha256:
             raise SpadeError(f"{model_path}: the model file changed since the run started")
         self.sha256, self.out, self.overlays = sha256, out, overlays
@@ -427,17 +429,23 @@ def predict(
     progress: bool = True,
     return_maps: bool = False,
     recursive: bool = False,
+    runtime: str | None = None,
+    export_dir: str | os.PathLike | None = None,
 ) -> PredictRun:
     """Score ``sources`` with the model file on a Ray cluster; resumable, fault tolerant.
 
     ``recursive``: walk sub-folders of folder sources, as ``spade-ad predict`` does by default.
+    ``runtime`` / ``export_dir``: the backbone runtime each worker uses (None: the model's default), as
+    in :meth:`SPADE.load`; the export folder must be readable by every worker.
 
     With ``dest`` the results are written under :func:`results_dir` and inputs already scored there by
     the same model are skipped. ``dest=None`` writes nothing and returns every row (with the map as
     bytes when ``return_maps``) in :attr:`PredictRun.rows`, as :class:`RaySPADE` uses it.
     """
     model_path = str(model_path)
-    model = SPADE.load(model_path, weights=weights, mmap=True)  # refuse a bad model before any work
+    export = None if export_dir is None else str(export_dir)
+    # Refuse a bad model (or a mismatched export) before any work.
+    model = SPADE.load(model_path, weights=weights, mmap=True, runtime=runtime, export_dir=export)
     sha = model_sha256(model_path)
     names = expand_sources(sources, recursive=recursive)
     stems = unique_stems(names)
@@ -461,6 +469,8 @@ def predict(
             "segment_above": segment_above,
             "return_maps": return_maps,
             "cpus": cpus_per_worker,
+            "runtime": runtime,
+            "export_dir": export,
         }
         rows = _blocks([n for n, _ in todo], [s for _, s in todo], block_size)
         bar = tqdm(total=len(names), initial=run.n_skipped, desc="predict", unit="img", disable=not progress)
