@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_image
 
 from spade_ad import SPADE, ModelFileError, SpadeError
 from spade_ad.coreset import coreset_size, greedy_kcenter, project
@@ -206,3 +207,24 @@ def test_cli_options_reach_the_model_and_explain_works(image_dirs, tmp_path):
     assert SPADE.load(out).gallery == "all"
     r = CliRunner().invoke(main, [*args, "--preset", "joint-coreset", "--pixel-gallery", "knn", "--overwrite"])
     assert r.exit_code == 2 and "coreset" in r.output  # the preset's coreset needs the gallery of every image
+
+
+def test_add_and_remove_normal_with_a_coreset_equal_a_refit(tmp_path):
+    """The operator loop on a coreset model: the coreset is chosen again, as a fit on the same images would."""
+    rng = np.random.default_rng(3)
+    images = [make_image(rng) for _ in range(6)]
+    kw = {"weights": "random", "image_size": 48, "crop_size": 48, "k": 3, "gallery": "all", "coreset": 0.3}
+    grown = SPADE(**kw).fit(images[:4]).add_normal(images[4:])
+    refit = SPADE(**kw).fit(images)
+    assert grown.bank_.coresets is not None and refit.bank_.coresets is not None
+    for a, b in zip(grown.bank_.coresets, refit.bank_.coresets, strict=True):
+        assert torch.equal(a, b)
+    test = [make_image(rng, defect=True)]
+    np.testing.assert_array_equal(grown.predict(test).anomaly_maps, refit.predict(test).anomaly_maps)
+    # saved and loaded, the grown model keeps its coreset; removing images chooses it again
+    loaded = SPADE.load(grown.save(tmp_path / "grown.spade"))
+    np.testing.assert_array_equal(loaded.predict(test).anomaly_maps, refit.predict(test).anomaly_maps)
+    shrunk = loaded.remove_normal([4, 5])
+    again = SPADE(**kw).fit(images[:4])
+    for a, b in zip(shrunk.bank_.coresets, again.bank_.coresets, strict=True):
+        assert torch.equal(a, b)

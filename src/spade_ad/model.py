@@ -729,6 +729,10 @@ class SPADE:
         }
 
     def _set_bank(self, bank: FeatureBank) -> None:
+        if self.coreset is not None:
+            # The coreset is chosen from the whole bank, so a changed bank needs it chosen again, exactly
+            # as a fit on the same images would (on float32 features, as fit does).
+            bank.coresets = [self._select_coreset(lv.float()) for lv in bank.levels if isinstance(lv, torch.Tensor)]
         self.bank_ = bank
         self.k_ = min(self.k, len(bank))
         self.image_k_ = min(self.image_k or self.k, len(bank))
