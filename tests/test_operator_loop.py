@@ -196,7 +196,10 @@ def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def op_server(base_model_file: Path, token_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = tmp_path_factory.mktemp("op_server")
     model_file = shutil.copy(base_model_file, folder / "live.spade")
-    with _serve_process(Path(model_file), folder, "--admin-token-file", str(token_file), "--log-level", "info") as s:
+    # One image per model call (no micro-batching): the concurrency test compares every answer bit for bit
+    # with an offline single-image prediction, and a batch of several images moves features by ~1e-6.
+    options = ["--admin-token-file", str(token_file), "--log-level", "info", "--max-batch", "1", "--batch-wait-ms", "0"]
+    with _serve_process(Path(model_file), folder, *options) as s:
         s.model_file = Path(model_file)  # type: ignore[attr-defined]
         yield s
 
