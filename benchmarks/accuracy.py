@@ -53,13 +53,20 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ),
 ] + [(f"preset: {name}", dict(params)) for name, params in PRESETS.items() if name != "paper"]
 
-#: PatchCore's options, each added to the accurate preset (docs/patchcore.md); these rows run alone.
-_OLD = PRESETS["accurate"]
+#: PatchCore's options, each added to the accurate preset of 2026-11-29 (``accurate-v1``), and variants
+#: of the presets built from them (docs/patchcore.md); these rows run alone.
+_OLD = PRESETS["accurate-v1"]
 _NEW = PRESETS["joint-coreset"]
+_ACC = PRESETS["accurate"]
 ROWS += [
-    ("accurate + joint levels", {**_OLD, "joint_levels": True}),
-    ("accurate + gallery all, coreset 10%", {**_OLD, "gallery": "all", "coreset": 0.1}),
-    ("accurate + joint, gallery all (no coreset)", {**_OLD, "joint_levels": True, "gallery": "all"}),
+    ("accurate-v1 + joint levels", {**_OLD, "joint_levels": True}),
+    ("accurate-v1 + joint levels, sigma 8", {**_OLD, "joint_levels": True, "sigma": 8.0}),
+    ("accurate-v1 + joint, patch_size=(3, 5)", {**_OLD, "joint_levels": True, "patch_size": (3, 5)}),
+    ("accurate-v1 + joint, patch_size=(5, 7)", {**_OLD, "joint_levels": True, "patch_size": (5, 7)}),
+    ("accurate-v1 + gallery all, coreset 10%", {**_OLD, "gallery": "all", "coreset": 0.1}),
+    ("accurate-v1 + joint, gallery all (no coreset)", {**_OLD, "joint_levels": True, "gallery": "all"}),
+    ("accurate with precision fp32", {**_ACC, "precision": "fp32"}),
+    ("accurate with gallery all, coreset 10%", {**_ACC, "gallery": "all", "coreset": 0.1}),
     ("joint-coreset with coreset 1%", {**_NEW, "coreset": 0.01}),
     ("joint-coreset with patch_size=3, sigma 8", {**_NEW, "patch_size": 3, "sigma": 8.0}),
     ("joint-coreset with image score map_max", {**_NEW, "image_score": "map_max"}),
@@ -201,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     for _, m in models:
         m._validate()  # kappa is 1 in every row: the shared search below is the kappa = 1 search
     groups: dict[tuple, list[tuple[str, SPADE]]] = {}
-    alone = [(label, m) for label, m in models if m.joint_levels or m.gallery == "all"]
+    # Joint features, a gallery of every image and per-level patch sizes cannot share the group's
+    # three-level extraction: those rows fit and predict on their own.
+    alone = [
+        (label, m) for label, m in models if m.joint_levels or m.gallery == "all" or not isinstance(m.patch_size, int)
+    ]
     for label, m in models:
         if (label, m) not in alone:
             groups.setdefault(tuple(getattr(m, k) for k in FEATURE_KEYS), []).append((label, m))

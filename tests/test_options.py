@@ -116,6 +116,22 @@ def test_presets_and_overrides():
         SPADE.from_preset("fastest")
 
 
+def test_the_accurate_preset_of_2026_11_29_stays_reproducible():
+    """``accurate`` changed on 2026-11-30 (docs/patchcore.md); its figures published before then name
+    the settings below (docs/accuracy.md), which ``accurate-v1`` must keep giving."""
+    m = SPADE.from_preset("accurate-v1")
+    assert (m.image_size, m.crop_size, m.sigma, m.patch_size, tuple(m.levels)) == (320, 280, 5.0, 5, (2, 3))
+    assert (m.image_score, m.image_k, m.joint_levels, m.gallery, m.precision) == (
+        "knn*map_max",
+        5,
+        False,
+        "knn",
+        "fp32",
+    )
+    new = SPADE.from_preset("accurate")
+    assert (new.joint_levels, new.patch_size, new.sigma, new.precision) == (True, (3, 5), 8.0, "bf16")
+
+
 def test_cli_preset_with_an_explicit_override(image_dirs, tmp_path):
     from click.testing import CliRunner
 
@@ -145,7 +161,7 @@ def test_cli_preset_with_an_explicit_override(image_dirs, tmp_path):
     )
     assert r.exit_code == 0, r.output
     m = SPADE.load(out)
-    assert m.patch_size == 7  # given explicitly: overrides the preset's 5
+    assert m.patch_size == 7  # given explicitly: overrides the preset's (3, 5)
     assert tuple(m.levels) == tuple(PRESETS["accurate"]["levels"]) and m.image_score == "knn*map_max"
     assert m.k == 2
     assert m.sigma == PRESETS["accurate"]["sigma"]  # not given: the preset's value

@@ -64,6 +64,45 @@ def test_joint_features_are_the_upsampled_levels_concatenated(arrays):
         np.testing.assert_allclose(joint[0][i].numpy(), want, rtol=1e-5, atol=1e-5)
 
 
+def box_mean(x: np.ndarray, p: int) -> np.ndarray:
+    """(C, h, w): each position the plain mean of the p x p window around it, over the positions that
+    exist (a written-out reference for the library's border-aware averaging)."""
+    c, h, w = x.shape
+    out = np.empty((c, h, w))
+    r = p // 2
+    for y in range(h):
+        for xx in range(w):
+            out[:, y, xx] = x[:, max(y - r, 0) : y + r + 1, max(xx - r, 0) : xx + r + 1].mean(axis=(1, 2))
+    return out
+
+
+def test_per_level_patch_sizes_average_each_level_by_its_own_size(arrays, tmp_path):
+    train, test = arrays
+    _, plain = SPADE(levels=(2, 3), **SMALL).extract(train[:2])
+    _, mixed = SPADE(levels=(2, 3), patch_size=(3, 5), **SMALL).extract(train[:2])
+    for lv, p, got in zip(plain, (3, 5), mixed, strict=True):
+        for i in range(2):
+            want = box_mean(lv[i].double().numpy(), p)
+            np.testing.assert_allclose(got[i].numpy(), want, rtol=1e-5, atol=1e-5)
+    # Joint: each level averaged by its own size, then upsampled and concatenated.
+    _, joint = SPADE(levels=(2, 3), patch_size=(3, 5), joint_levels=True, **SMALL).extract(train[:2])
+    h, w = plain[0].shape[-2:]
+    want = np.concatenate(
+        [bilinear_resize(box_mean(lv[0].double().numpy(), p), h, w) for lv, p in zip(plain, (3, 5), strict=True)]
+    )
+    np.testing.assert_allclose(joint[0][0].numpy(), want, rtol=1e-5, atol=1e-5)
+    # Equal sizes per level are the single size.
+    _, same = SPADE(levels=(2, 3), patch_size=(3, 3), **SMALL).extract(train[:2])
+    _, single = SPADE(levels=(2, 3), patch_size=3, **SMALL).extract(train[:2])
+    for a, b in zip(same, single, strict=True):
+        torch.testing.assert_close(a, b)
+    # Saved and restored as given.
+    m = SPADE(levels=(2, 3), patch_size=(3, 5), joint_levels=True, gallery="all", coreset=0.5, **SMALL).fit(train)
+    again = SPADE.load(m.save(tmp_path / "m.safetensors"))
+    assert again.patch_size == (3, 5)
+    np.testing.assert_array_equal(again.predict(test).anomaly_maps, m.predict(test).anomaly_maps)
+
+
 @pytest.mark.parametrize("n,d,k,candidates", [(300, 8, 60, 16), (400, 32, 150, 2048), (250, 3, 250, 32)])
 def test_coreset_is_the_naive_greedy_k_center(n, d, k, candidates):
     x = torch.randn((n, d), generator=torch.Generator().manual_seed(n + d))
@@ -173,6 +212,9 @@ def test_a_tampered_coreset_is_refused(arrays, tmp_path):
         ({"gallery": "all", "window": 2}, "gallery='knn'"),
         ({"gallery": "every"}, "gallery must be"),
         ({"joint_levels": "yes"}, "joint_levels"),
+        ({"patch_size": (3, 5, 7), "levels": (2, 3)}, "one per level"),
+        ({"patch_size": (3, 4), "levels": (2, 3)}, "odd positive"),
+        ({"patch_size": (), "levels": (2, 3)}, "odd positive"),
     ],
 )
 def test_bad_options_are_refused(arrays, kwargs, message):
@@ -194,10 +236,13 @@ def test_cli_options_reach_the_model_and_explain_works(image_dirs, tmp_path):
     out = tmp_path / "m.safetensors"
     args = ["fit", str(train), "--out", str(out), "--image-size", "48", "--crop-size", "48", "--k", "2"]
     flags = ["--levels", "2,3", "--joint-levels", "--pixel-gallery", "all", "--coreset", "0.3", "--coreset-seed", "5"]
-    r = CliRunner().invoke(main, args + flags)
+    r = CliRunner().invoke(main, [*args, *flags, "--patch-size", "3,5"])
     assert r.exit_code == 0, r.output
     m = SPADE.load(out)
     assert (m.joint_levels, m.gallery, m.coreset, m.coreset_seed) == (True, "all", 0.3, 5)
+    assert m.patch_size == (3, 5)
+    r = CliRunner().invoke(main, [*args, *flags, "--patch-size", "3,4", "--overwrite"])
+    assert r.exit_code == 2 and "odd" in r.output
     r = CliRunner().invoke(main, ["predict", str(out), str(test), "--out", str(tmp_path / "o"), "--explain"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "o" / "explain" / "bad_0.png").is_file()

@@ -90,17 +90,19 @@ def test_magnetic_tile_greyscale_variable_sizes(paper_on_magnetic_subset):
 
 
 def test_accurate_preset_beats_the_paper_on_magnetic_tile_subset(paper_on_magnetic_subset, tmp_path):
-    """The ``accurate`` preset (its own geometry, 320 -> 280) against the paper on the same subset."""
+    """The ``accurate`` preset (320 -> 280, joint levels with 3x3 / 5x5 averaging) against the paper on
+    the same subset, through save and load."""
     img, pix, pro = _magnetic_subset_figures("accurate", tmp_path)
     paper_img, paper_pix, _ = paper_on_magnetic_subset
-    # The preset's point on this data: clearly better image and pixel AUROC than the paper's settings.
-    # (Its PRO is about the paper's: see the README's accuracy section.) The absolute image floor is
-    # lower than the full category's 0.96: a quarter of the training set holds fewer near-copies of
-    # the good test tiles (the split leak the README describes), so good images score higher here;
-    # measured 0.857 on this subset against the paper settings' 0.760.
-    assert img >= 0.83 and img >= paper_img + 0.05
-    assert pix >= paper_pix + 0.03
-    assert pro >= 0.72
+    # Measured on this subset 2026-11-30: image 0.857, pixel 0.854, PRO 0.781, against the paper
+    # settings' 0.760 / 0.753 / 0.774 and accurate-v1's 0.857 / 0.856 / 0.769 (docs/patchcore.md).
+    # Clearly better image and pixel AUROC than the paper; the PRO floor is above accurate-v1's, which
+    # is what the 2026-11-30 change was for. The absolute image floor is lower than the full category's
+    # 0.958: a quarter of the training set holds fewer near-copies of the good test tiles (the split
+    # leak docs/accuracy.md describes), so good images score higher here.
+    assert img >= 0.84 and img >= paper_img + 0.05
+    assert pix >= 0.83 and pix >= paper_pix + 0.03
+    assert pro >= 0.772
 
 
 def _transistor_preset_via_cli(preset: str, tmp_path: Path) -> dict:
@@ -128,9 +130,13 @@ def _transistor_preset_via_cli(preset: str, tmp_path: Path) -> dict:
 
 def test_accurate_preset_on_transistor(tmp_path):
     """The ``accurate`` preset through the command line, on the full transistor category."""
-    t = _transistor_preset_via_cli("accurate", tmp_path)["transistor"]
-    # The Accuracy issue's bar for transistor.
-    assert t["image_auroc"] >= 0.95 and t["pixel_auroc"] >= 0.95 and t["pro"] >= 0.88
+    res = _transistor_preset_via_cli("accurate", tmp_path)
+    t = res["transistor"]
+    # Measured 2026-11-30: 0.9808 / 0.9781 / 0.9330 (docs/patchcore.md). The image and PRO floors are
+    # above accurate-v1's 0.9708 / 0.9210, the gain the 2026-11-30 change was made for.
+    assert t["image_auroc"] >= 0.975 and t["pixel_auroc"] >= 0.97 and t["pro"] >= 0.926
+    cfg = res["config"]
+    assert (cfg["joint_levels"], cfg["patch_size"], cfg["precision"]) == (True, [3, 5], "bf16")
 
 
 def test_joint_coreset_preset_beats_the_paper_on_magnetic_tile_subset(paper_on_magnetic_subset, tmp_path):
@@ -153,7 +159,7 @@ def test_joint_coreset_preset_on_transistor(tmp_path):
     res = _transistor_preset_via_cli("joint-coreset", tmp_path)
     t = res["transistor"]
     # Floors a little under the figures measured (docs/patchcore.md, 2026-11-30: 0.986 / 0.979 / 0.928);
-    # the image floor is above the accurate preset's 0.971 (its pixel AUROC and PRO: 0.978 / 0.921).
+    # the image floor is above accurate-v1's 0.971 (its pixel AUROC and PRO: 0.978 / 0.921).
     assert t["image_auroc"] >= 0.975 and t["pixel_auroc"] >= 0.97 and t["pro"] >= 0.92
     cfg = res["config"]
     assert (cfg["joint_levels"], cfg["gallery"], cfg["coreset"]) == (True, "all", 0.1)

@@ -27,7 +27,7 @@ from spade_ad.evaluate import load_masks
 from spade_ad.features import joint_levels
 from spade_ad.maps import combine_levels, smooth
 from spade_ad.metrics import image_auroc, pixel_auroc, pro_auc
-from spade_ad.search import knn_images, nearest_neighbors
+from spade_ad.search import knn_images, nearest_neighbors, window_search
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 SCRATCH = Path(os.environ.get("SPADE_SCRATCH", "/work/scratch-acc"))
@@ -56,8 +56,11 @@ torch.set_num_threads(2)
 
 def feats(lv, levels, patch, joint):
     ch = [lv[lvl - 1].float() for lvl in levels]
-    if patch > 1:
-        ch = [F.avg_pool2d(c, patch, 1, patch // 2, count_include_pad=False) for c in ch]
+    # patch: one size for every level, or a list with one size per level.
+    sizes = patch if isinstance(patch, list) else [patch] * len(ch)
+    ch = [
+        F.avg_pool2d(c, p, 1, p // 2, count_include_pad=False) if p > 1 else c for c, p in zip(ch, sizes, strict=True)
+    ]
     if joint:
         ch = [joint_levels(ch)]
     return [c.permute(0, 2, 3, 1).contiguous() for c in ch]
@@ -74,7 +77,18 @@ _lm_cache = {}
 def run1(cfg):
     levels, patch, joint, coreset, sigma = cfg["levels"], cfg["patch"], cfg["joint"], cfg.get("coreset"), cfg["sigma"]
     gallery = cfg.get("gallery", "all")
-    key = json.dumps([levels, patch, joint, coreset, cfg.get("gallery", "all"), cfg.get("proj", 128)])
+    key = json.dumps(
+        [
+            levels,
+            patch,
+            joint,
+            coreset,
+            cfg.get("gallery", "all"),
+            cfg.get("proj", 128),
+            cfg.get("k", 50),
+            cfg.get("window"),
+        ]
+    )
     if key in _lm_cache:
         all_lm, fit_s, pred_s, pcw = _lm_cache[key]
         return finish(cfg, all_lm, fit_s, pred_s, pcw, sigma)
@@ -88,7 +102,7 @@ def run1(cfg):
             flat = flat[keep]
         mems.append(flat)
     fit_s = time.time() - t0
-    d2, nb = knn_images(gte, gtr, 50)
+    d2, nb = knn_images(gte, gtr, cfg.get("k", 50))  # "k": the pixel gallery's nearest images
     d2[:, :5].mean(1).numpy()
     t0 = time.time()
     all_lm, pcw = [], []
@@ -97,7 +111,9 @@ def run1(cfg):
         for j, lvl in enumerate(te):
             h, w, c = lvl.shape[1:]
             q = lvl[i].reshape(-1, c)
-            if gallery == "all":
+            if cfg.get("window") is not None:  # "window": R, the local-window search on the k-image gallery
+                d, idx = window_search(lvl[i], tr[j][nb[i]], cfg["window"])
+            elif gallery == "all":
                 d, idx = nearest_neighbors(q, mems[j])
             else:
                 d, idx = nearest_neighbors(q, tr[j][nb[i]].reshape(-1, c))

@@ -44,6 +44,19 @@ def _parse_levels(ctx: click.Context, param: click.Parameter, value: str) -> tup
     return levels
 
 
+def _parse_patch_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | tuple[int, ...] | None:
+    """``5`` (every level) or ``3,5`` (one odd size per level, in --levels' order)."""
+    if value is None:
+        return None
+    try:
+        sizes = tuple(int(x) for x in str(value).split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected an odd size such as 5, or one per level such as 3,5") from None
+    if not sizes or any(p < 1 or p % 2 == 0 for p in sizes):
+        raise click.BadParameter(f"{value!r}: sizes must be odd positive integers")
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
 def runtime_options(model_default: bool) -> list[Callable]:
     """Where the backbone and search run (a deployment choice: results are the same to float32 rounding).
 
@@ -156,10 +169,11 @@ def model_options(f: Callable) -> Callable:
         ),
         click.option(
             "--patch-size",
-            type=click.IntRange(min=1),
-            default=1,
+            default="1",
             show_default=True,
-            help="Average pixel features over odd PxP neighbourhoods before matching (1 = paper).",
+            callback=_parse_patch_size,
+            help="Average pixel features over odd PxP neighbourhoods before matching (1 = paper); "
+            "one size per level as 3,5.",
         ),
         click.option(
             "--precision",

@@ -85,6 +85,16 @@ def joint_levels(levels: Sequence[torch.Tensor]) -> torch.Tensor:
     )
 
 
+def per_level_patch_sizes(patch_size: int | Sequence[int], n_levels: int) -> list[int]:
+    """One averaging size per level: an int applies to every level; a sequence must have one per level."""
+    if isinstance(patch_size, (int, np.integer)):
+        return [int(patch_size)] * n_levels
+    sizes = [int(p) for p in patch_size]
+    if len(sizes) != n_levels:
+        raise ValueError(f"patch_size has {len(sizes)} sizes for {n_levels} levels")
+    return sizes
+
+
 def extract_features(
     backbone: Backbone | Callable[[torch.Tensor], tuple[torch.Tensor, list[Any]]],
     items: Sequence[ImageLike],
@@ -94,28 +104,29 @@ def extract_features(
     batch_size: int = 16,
     progress: bool = False,
     desc: str = "features",
-    patch_size: int = 1,
+    patch_size: int | Sequence[int] = 1,
     joint: bool = False,
 ) -> Features:
     """Backbone features for ``items`` (paths or arrays): global vectors and the chosen levels.
 
     ``patch_size`` > 1 averages every pixel feature over its patch_size x patch_size neighbourhood
     (stride 1, borders averaged over the pixels that exist), as PatchCore's locally aware features;
-    1 is the paper's plain per-pixel feature. ``joint``: one level only, the chosen levels upsampled
+    1 is the paper's plain per-pixel feature; a sequence gives one size per level, in ``level_ids``'
+    order. ``joint``: one level only, the chosen levels upsampled
     to the finest one's grid and concatenated (see :func:`joint_levels`).
     """
     n = len(items)
+    sizes = per_level_patch_sizes(patch_size, len(level_ids))
     g_out: torch.Tensor | None = None
     lv_out: list[torch.Tensor] = []
     with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for start, x in iter_batches(items, names, prep, batch_size):
             g, levels = backbone(x)
             chosen = [levels[i - 1] for i in level_ids]
-            if patch_size > 1:
-                chosen = [
-                    F.avg_pool2d(lv, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)
-                    for lv in chosen
-                ]
+            chosen = [
+                F.avg_pool2d(lv, p, stride=1, padding=p // 2, count_include_pad=False) if p > 1 else lv
+                for lv, p in zip(chosen, sizes, strict=True)
+            ]
             if joint:
                 chosen = [joint_levels(chosen)]
             chosen = [lv.permute(0, 2, 3, 1) for lv in chosen]

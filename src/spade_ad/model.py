@@ -54,6 +54,11 @@ HISTORY_LENGTH = 50
 HISTORY_NAMES = 10
 
 
+def _patch_size_from_config(value: Any) -> int | tuple[int, ...]:
+    """A saved ``patch_size``: an int, or a JSON list of per-level sizes (back to a tuple, as given)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 class SpadeWarning(UserWarning):
     """Something worth knowing that does not stop the work (e.g. fewer training images than k)."""
 
@@ -141,7 +146,9 @@ class SPADE:
         pixel gallery always uses ``k``.
     patch_size
         average pixel features over patch_size x patch_size neighbourhoods before matching
-        (odd; 1 = the paper's plain features).
+        (odd; 1 = the paper's plain features). A sequence gives one size per level, in the order
+        of ``levels`` (opt-in: e.g. ``(3, 5)`` keeps the stride-8 level sharp and gives the
+        stride-16 level more context).
     precision
         ``"fp32"`` (exact search, the default) or ``"bf16"`` (opt-in: bfloat16 products pick
         each pixel's nearest gallery tile, the distance is then recomputed exactly; faster on wide features).
@@ -193,7 +200,7 @@ class SPADE:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         image_score: str = "knn",
         image_k: int | None = None,
-        patch_size: int = 1,
+        patch_size: int | Sequence[int] = 1,
         precision: str = "fp32",
         window: int | None = None,
         bank_dtype: str = "float32",
@@ -263,8 +270,16 @@ class SPADE:
             raise SpadeError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {self.image_score!r}")
         if self.image_k is not None and (not isinstance(self.image_k, (int, np.integer)) or self.image_k < 1):
             raise SpadeError(f"image_k must be None or a positive integer, got {self.image_k!r}")
-        if not isinstance(self.patch_size, (int, np.integer)) or self.patch_size < 1 or self.patch_size % 2 == 0:
-            raise SpadeError(f"patch_size must be an odd positive integer, got {self.patch_size!r}")
+        ps = self.patch_size
+        sizes = [ps] if isinstance(ps, (int, np.integer)) else list(ps) if isinstance(ps, (list, tuple)) else [None]
+        if (
+            not sizes
+            or any(isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 1 or p % 2 == 0 for p in sizes)
+            or (not isinstance(ps, (int, np.integer)) and len(sizes) != len(lv))
+        ):
+            raise SpadeError(
+                f"patch_size must be an odd positive integer or one per level ({len(lv)} here), got {ps!r}"
+            )
         if self.crop_size > self.image_size:
             raise SpadeError(f"crop_size {self.crop_size} is larger than image_size {self.image_size}")
         if self.precision not in PRECISIONS:
@@ -773,7 +788,11 @@ class SPADE:
             "sigma": float(self.sigma),
             "image_score": self.image_score,
             "image_k": None if self.image_k is None else int(self.image_k),
-            "patch_size": int(self.patch_size),
+            "patch_size": (
+                int(self.patch_size)
+                if isinstance(self.patch_size, (int, np.integer))
+                else [int(p) for p in self.patch_size]
+            ),
             "precision": self.precision,
             "window": None if self.window is None else int(self.window),
             "bank_dtype": self.bank_dtype,
@@ -837,7 +856,7 @@ class SPADE:
                 # Options added after format 1 was first written default to the paper's behaviour.
                 image_score=cfg.get("image_score", "knn"),
                 image_k=cfg.get("image_k"),
-                patch_size=cfg.get("patch_size", 1),
+                patch_size=_patch_size_from_config(cfg.get("patch_size", 1)),
                 precision=cfg.get("precision", "fp32"),
                 window=cfg.get("window"),
                 bank_dtype=cfg.get("bank_dtype", "float32"),

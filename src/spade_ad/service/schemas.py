@@ -72,7 +72,7 @@ class ModelInfo(BaseModel):
     sigma: float
     image_score: str
     image_k: int | None
-    patch_size: int
+    patch_size: int | list[int]  # one size for every level, or one per level
     image_size: int
     crop_size: int
     thresholds: dict[str, Any] | None
