@@ -60,7 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "window": 1,
         "runtime": "openvino",
     },
-    # Not "accurate": best image AUROC on transistor, worse than accurate-v1 on the full magnetic_tile (docs/patchcore.md).
+    # Not "accurate": best transistor image AUROC, worse than accurate-v1 on all of magnetic_tile (docs/patchcore.md).
     "joint-coreset": {
         # PatchCore's memory on accurate-v1's geometry (docs/patchcore.md has the measurements):
         # the two levels joined on the stride-8 grid after the 5x5 averaging, so a match must hold at both
