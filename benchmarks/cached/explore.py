@@ -102,8 +102,7 @@ def run1(cfg):
             flat = flat[keep]
         mems.append(flat)
     fit_s = time.time() - t0
-    d2, nb = knn_images(gte, gtr, cfg.get("k", 50))  # "k": the pixel gallery's nearest images
-    d2[:, :5].mean(1).numpy()
+    _d2, nb = knn_images(gte, gtr, cfg.get("k", 50))  # "k": the pixel gallery's nearest images
     t0 = time.time()
     all_lm, pcw = [], []
     for i in range(len(labels)):

@@ -34,11 +34,16 @@ from .runtimes import DEVICES, EXPORT_FORMATS, RUNTIMES
 from .viz import heatmap_overlay, rebuild_from_matches
 
 
-def _parse_levels(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+def _comma_ints(value: str, expected: str) -> tuple[int, ...]:
+    """``"3,5"`` -> (3, 5); anything else is a usage error saying what was expected."""
     try:
-        levels = tuple(int(x) for x in value.split(",") if x.strip())
+        return tuple(int(x) for x in str(value).split(",") if x.strip())
     except ValueError:
-        raise click.BadParameter(f"{value!r}: expected a comma-separated list such as 1,2,3") from None
+        raise click.BadParameter(f"{value!r}: expected {expected}") from None
+
+
+def _parse_levels(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    levels = _comma_ints(value, "a comma-separated list such as 1,2,3")
     if not levels or any(x not in (1, 2, 3) for x in levels):
         raise click.BadParameter(f"{value!r}: levels are 1 (stride 4), 2 (stride 8), 3 (stride 16)")
     return levels
@@ -48,10 +53,7 @@ def _parse_patch_size(ctx: click.Context, param: click.Parameter, value: str | N
     """``5`` (every level) or ``3,5`` (one odd size per level, in --levels' order)."""
     if value is None:
         return None
-    try:
-        sizes = tuple(int(x) for x in str(value).split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected an odd size such as 5, or one per level such as 3,5") from None
+    sizes = _comma_ints(value, "an odd size such as 5, or one per level such as 3,5")
     if not sizes or any(p < 1 or p % 2 == 0 for p in sizes):
         raise click.BadParameter(f"{value!r}: sizes must be odd positive integers")
     return sizes[0] if len(sizes) == 1 else sizes

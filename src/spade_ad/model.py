@@ -271,11 +271,11 @@ class SPADE:
         if self.image_k is not None and (not isinstance(self.image_k, (int, np.integer)) or self.image_k < 1):
             raise SpadeError(f"image_k must be None or a positive integer, got {self.image_k!r}")
         ps = self.patch_size
-        sizes = [ps] if isinstance(ps, (int, np.integer)) else list(ps) if isinstance(ps, (list, tuple)) else [None]
+        sizes = list(ps) if isinstance(ps, (list, tuple)) else [ps]  # anything else fails the int check below
         if (
             not sizes
             or any(isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 1 or p % 2 == 0 for p in sizes)
-            or (not isinstance(ps, (int, np.integer)) and len(sizes) != len(lv))
+            or (isinstance(ps, (list, tuple)) and len(sizes) != len(lv))
         ):
             raise SpadeError(
                 f"patch_size must be an odd positive integer or one per level ({len(lv)} here), got {ps!r}"
